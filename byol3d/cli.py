@@ -1,0 +1,130 @@
+"""The ``byol3d`` command line. It parses arguments and calls the library; nothing more.
+
+    byol3d pretrain CONFIG [KEY=VALUE ...]     pretrain (or resume) as configured
+    byol3d demo-data OUT_DIR [--n 16]          write synthetic CT phantoms (NIfTI, HU)
+
+Errors caused by input (config keys, data, checkpoints) print one line,
+``byol3d: error: ...``, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from byol3d.errors import Byol3dError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="byol3d", description="BYOL self-supervised pretraining for MONAI ResNet encoders."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "pretrain", help="pretrain an encoder with BYOL (resumes from OUTPUT_DIR/checkpoints)"
+    )
+    p.add_argument("config", help="YAML config, e.g. configs/ct_resnet50.yaml")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotted overrides parsed as YAML, e.g. train.max_epochs=5",
+    )
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume a run in OUTPUT_DIR even if its config differs",
+    )
+    p.add_argument("--quiet", action="store_true", help="only warnings and errors")
+
+    d = sub.add_parser(
+        "demo-data", help="write synthetic CT phantoms with organ labels and class labels"
+    )
+    d.add_argument("output", help="folder to write images/, labels/ and classes.csv into")
+    d.add_argument("--n", type=int, default=16, help="number of volumes (default 16)")
+    d.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        default=(96, 96, 64),
+        metavar=("I", "J", "K"),
+        help="voxels (default 96 96 64)",
+    )
+    d.add_argument(
+        "--spacing",
+        type=float,
+        nargs=3,
+        default=(4.0, 4.0, 5.0),
+        metavar=("SI", "SJ", "SK"),
+        help="mm (default 4 4 5)",
+    )
+    d.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _setup_logging(quiet: bool) -> None:
+    log = logging.getLogger("byol3d")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("byol3d: %(message)s"))
+        log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+
+
+def _pretrain(args: argparse.Namespace) -> None:
+    from byol3d.config import load_config
+    from byol3d.train import pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    result = pretrain(cfg, allow_config_change=args.allow_config_change)
+    print(
+        f"byol3d: trained {result.epochs} epochs ({result.iterations} iterations) in {result.output_dir}"
+    )
+    print(f"  encoder:     {result.encoder_path}")
+    print(
+        f"  checkpoints: {result.output_dir / 'checkpoints'} (latest: {result.checkpoint.name if result.checkpoint else 'none'})"
+    )
+    print(f"  metrics:     {result.metrics_path}, {result.output_dir / 'epochs.csv'}")
+
+
+def _demo_data(args: argparse.Namespace) -> None:
+    from byol3d.phantom import write_demo_dataset
+
+    try:
+        paths = write_demo_dataset(
+            args.output,
+            n=args.n,
+            shape=tuple(args.shape),
+            spacing=tuple(args.spacing),
+            seed=args.seed,
+        )
+    except ValueError as err:
+        raise Byol3dError(str(err)) from err
+    print(
+        f"byol3d: wrote {len(paths)} phantom volumes to {args.output}/images (labels/, classes.csv beside)"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``byol3d`` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    _setup_logging(getattr(args, "quiet", False))
+    try:
+        {"pretrain": _pretrain, "demo-data": _demo_data}[args.command](args)
+    except Byol3dError as err:
+        print(f"byol3d: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("byol3d: interrupted; the checkpoints written so far are kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,403 @@
+"""``byol3d pretrain``: a config in, a run directory with a pretrained encoder out.
+
+    byol3d pretrain configs/ct_resnet50.yaml data.root=/data/ct output_dir=runs/ct
+    byol3d pretrain configs/demo_ct.yaml train.max_epochs=10   # raise epochs: resumes the run
+
+Wires the pieces in the order data flows: files (:mod:`byol3d.data`) -> deterministic
+preprocessing and two views (:mod:`byol3d.transforms`) -> encoder and BYOL model
+(:mod:`byol3d.networks`, :mod:`byol3d.byol`) -> Ignite trainer (:mod:`byol3d.engine`) ->
+the run directory:
+
+    OUTPUT_DIR/config.yaml        the resolved config
+    OUTPUT_DIR/checkpoints/       checkpoint_<epoch>.pt: model, target, optimizer, scheduler, trainer, config
+    OUTPUT_DIR/metrics.csv        per iteration: iteration, epoch, loss, tau, lr, collapse
+    OUTPUT_DIR/epochs.csv         per epoch: epoch, iteration, train_loss, val_loss, seconds
+    OUTPUT_DIR/encoder.pt         the online encoder's plain state_dict (build_encoder(...) loads it strictly)
+
+Re-running the same command on an OUTPUT_DIR with a checkpoint resumes from its latest one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver
+from monai.data import DataLoader
+
+from byol3d.byol import BYOL
+from byol3d.config import dump_config, flatten
+from byol3d.data import build_dataset, find_images, split_train_val
+from byol3d.engine import (
+    MetricsLogger,
+    Reseed,
+    TargetUpdate,
+    create_evaluator,
+    create_trainer,
+    every_epochs,
+    resolve_amp,
+    resolve_device,
+)
+from byol3d.errors import CheckpointError, ConfigError
+from byol3d.networks import build_encoder
+from byol3d.optim import build_optimizer, warmup_cosine
+from byol3d.transforms import ct_preprocess, view_transforms
+
+logger = logging.getLogger("byol3d")
+
+__all__ = ["RunResult", "pretrain", "latest_checkpoint", "RESUMABLE_KEYS"]
+
+# Keys that may differ between a run and its resumption: they change how long or how the run
+# is executed, not what it learns.
+RESUMABLE_KEYS = frozenset(
+    {
+        "output_dir",
+        "train.max_epochs",
+        "train.device",
+        "train.progress",
+        "train.log_every",
+        "train.tensorboard",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "data.num_workers",
+        "data.cache",
+        "data.cache_dir",
+        "data.cache_rate",
+    }
+)
+_PREPROCESS_KEYS = ("roi_size", "hu_window", "pixdim", "crop_foreground", "foreground_hu")
+_CKPT = re.compile(r"checkpoint_(\d+)\.pt$")
+
+
+@dataclass
+class RunResult:
+    """What a finished ``pretrain`` left behind."""
+
+    output_dir: Path
+    encoder_path: Path
+    checkpoint: Path | None
+    metrics_path: Path
+    epochs: int
+    iterations: int
+    resumed_from: Path | None
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The checkpoint with the highest epoch in ``output_dir/checkpoints``, or None."""
+    folder = Path(output_dir) / "checkpoints"
+    found = [
+        (int(m.group(1)), p) for p in folder.glob("checkpoint_*.pt") if (m := _CKPT.search(p.name))
+    ]
+    return max(found)[1] if found else None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)``, with a one-line error for missing or broken files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, pickle of foreign objects, ...
+        raise CheckpointError(
+            f"cannot read checkpoint {str(path)!r} ({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from err
+
+
+def _config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    a, b = flatten(old), flatten(new)
+    return [
+        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+        for k in sorted(set(a) | set(b))
+        if k not in RESUMABLE_KEYS and a.get(k) != b.get(k)
+    ]
+
+
+class _ConfigState:
+    """Lets ignite's Checkpoint store the resolved config next to the weights."""
+
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
+        self.cfg = dict(cfg)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.cfg
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.cfg = dict(state)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _tensorboard_writer(enabled: bool, log_dir: Path):
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed: metrics.csv only
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunResult:
+    """Run (or resume) BYOL pretraining as configured; see the module docstring for the outputs.
+
+    Args:
+        cfg: a validated config from :func:`byol3d.config.load_config`.
+        allow_config_change: resume from an existing checkpoint even when keys other than
+            :data:`RESUMABLE_KEYS` changed (otherwise a ConfigError lists them).
+    """
+    data_cfg, model_cfg, tf_cfg, train_cfg = (
+        cfg[s] for s in ("data", "model", "transforms", "train")
+    )
+    if not data_cfg["root"]:
+        raise ConfigError("data.root is not set: give the data folder, e.g. data.root=/data/ct")
+    out = Path(cfg["output_dir"])
+    ckpt_dir = out / "checkpoints"
+    resume_from = latest_checkpoint(out)
+    checkpoint = None
+    if resume_from is not None:
+        checkpoint = load_checkpoint(resume_from)
+        changes = _config_changes(checkpoint.get("config", {}), cfg)
+        if changes and not allow_config_change:
+            raise ConfigError(
+                f"output_dir {str(out)!r} holds a run with another config ({'; '.join(changes)}); "
+                "use a new output_dir, or --allow-config-change to resume it with these values"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+
+    # files -> data -> transforms
+    files = find_images(data_cfg["root"], dicom=data_cfg["dicom"])
+    train_files, val_files = split_train_val(files, data_cfg["val_fraction"], seed=cfg["seed"])
+    roi = list(tf_cfg["roi_size"])
+    preprocess = ct_preprocess(
+        in_channels=data_cfg["in_channels"], **{k: tf_cfg[k] for k in _PREPROCESS_KEYS}
+    )
+    view_kwargs = {k: v for k, v in tf_cfg.items() if k not in _PREPROCESS_KEYS}
+    train_views = view_transforms(roi_size=roi, **view_kwargs)
+    dataset_kwargs = {
+        "cache": data_cfg["cache"],
+        "cache_dir": data_cfg["cache_dir"] or str(out / "cache"),
+        "cache_rate": data_cfg["cache_rate"],
+        "num_workers": data_cfg["num_workers"],
+    }
+    logger.info(
+        "data: %d volumes under %s (%d train, %d validation)",
+        len(files),
+        data_cfg["root"],
+        len(train_files),
+        len(val_files),
+    )
+    train_ds = build_dataset(train_files, preprocess, train_views, **dataset_kwargs)
+    device = resolve_device(train_cfg["device"])
+    batch_size = train_cfg["batch_size"]
+    loader_kwargs = {"num_workers": data_cfg["num_workers"], "pin_memory": device.type == "cuda"}
+    train_loader = DataLoader(
+        train_ds,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=len(train_ds) >= batch_size,
+        **loader_kwargs,
+    )
+    if len(train_ds) < batch_size:
+        logger.warning(
+            "only %d training volumes for train.batch_size %d: each epoch is one smaller batch",
+            len(train_ds),
+            batch_size,
+        )
+    val_loader, val_views = None, None
+    if val_files:
+        val_views = view_transforms(roi_size=roi, **view_kwargs)
+        val_ds = build_dataset(val_files, preprocess, val_views, **dataset_kwargs)
+        val_loader = DataLoader(val_ds, batch_size=batch_size, shuffle=False, **loader_kwargs)
+
+    # encoder -> BYOL
+    torch.manual_seed(cfg["seed"])
+    encoder = build_encoder(
+        model_cfg["encoder"],
+        spatial_dims=data_cfg["spatial_dims"],
+        in_channels=data_cfg["in_channels"],
+        norm=model_cfg["norm"],
+    )
+    model = BYOL(
+        encoder,
+        input_shape=(data_cfg["in_channels"], *roi),
+        hidden_layer=model_cfg["hidden_layer"],
+        projection_dim=model_cfg["projection_dim"],
+        hidden_dim=model_cfg["hidden_dim"],
+    ).to(device)
+
+    # engine
+    accumulate = train_cfg["accumulate_steps"]
+    steps_per_epoch = max(1, len(train_loader) // accumulate)
+    optimizer = build_optimizer(
+        model,
+        train_cfg["optimizer"],
+        lr=train_cfg["lr"],
+        weight_decay=train_cfg["weight_decay"],
+        momentum=train_cfg["momentum"],
+    )
+    schedule = warmup_cosine(
+        warmup_steps=round(train_cfg["warmup_epochs"] * steps_per_epoch),
+        total_steps=train_cfg["max_epochs"] * steps_per_epoch,
+        min_ratio=train_cfg["min_lr"] / train_cfg["lr"],
+    )
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    amp_dtype = resolve_amp(train_cfg["amp"], device)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    trainer = create_trainer(
+        model,
+        optimizer,
+        device=device,
+        lr_scheduler=lr_scheduler,
+        amp_dtype=amp_dtype,
+        scaler=scaler,
+        accumulate_steps=accumulate,
+        grad_clip=train_cfg["grad_clip"],
+    )
+    Reseed(cfg["seed"], [train_views]).attach(trainer)
+    TargetUpdate(model, base_tau=train_cfg["base_tau"]).attach(trainer)
+    writer = _tensorboard_writer(train_cfg["tensorboard"], out / "tensorboard")
+    MetricsLogger(
+        out / "metrics.csv", optimizer, log_every=train_cfg["log_every"], writer=writer
+    ).attach(trainer)
+    if train_cfg["progress"]:
+        from ignite.handlers import ProgressBar
+
+        trainer.add_event_handler(
+            Events.STARTED, lambda e: e.state.metrics.setdefault("loss", float("nan"))
+        )
+        ProgressBar(persist=True).attach(trainer, metric_names=["loss"])
+    _attach_epoch_log(
+        trainer,
+        model,
+        out / "epochs.csv",
+        val_loader,
+        val_views,
+        device,
+        amp_dtype,
+        cfg["seed"],
+        writer,
+    )
+
+    to_save = {
+        "model": model,
+        "optimizer": optimizer,
+        "lr_scheduler": lr_scheduler,
+        "trainer": trainer,
+        "config": _ConfigState(cfg),
+    }
+    if scaler is not None:
+        to_save["scaler"] = scaler
+    saver = Checkpoint(
+        to_save,
+        DiskSaver(ckpt_dir, require_empty=False, atomic=True),
+        n_saved=train_cfg["keep_checkpoints"],
+        global_step_transform=lambda engine, _event: engine.state.epoch,
+    )
+    save_event = Events.EPOCH_COMPLETED(event_filter=every_epochs(train_cfg["checkpoint_every"]))
+    trainer.add_event_handler(save_event, saver)
+    encoder_path = out / "encoder.pt"
+    trainer.add_event_handler(
+        save_event, lambda _e: _atomic_save(model.encoder.state_dict(), encoder_path)
+    )
+
+    if checkpoint is not None:
+        to_load = {k: v for k, v in to_save.items() if k != "config" and k in checkpoint}
+        try:
+            Checkpoint.load_objects(to_load, checkpoint)
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise CheckpointError(
+                f"checkpoint {str(resume_from)!r} does not fit this model: {str(err).splitlines()[0]}"
+            ) from err
+        logger.info(
+            "resuming from %s (epoch %d, iteration %d)",
+            resume_from,
+            trainer.state.epoch,
+            trainer.state.iteration,
+        )
+    done = trainer.state.epoch >= train_cfg["max_epochs"]
+    if done:  # ignite would restart a finished run from scratch: never overwrite it
+        logger.info(
+            "the run in %s already reached epoch %d; raise train.max_epochs to train longer",
+            out,
+            trainer.state.epoch,
+        )
+    else:
+        trainer.run(train_loader, max_epochs=train_cfg["max_epochs"])
+    if writer is not None:
+        writer.close()
+    _atomic_save(model.encoder.state_dict(), encoder_path)
+    return RunResult(
+        output_dir=out,
+        encoder_path=encoder_path,
+        checkpoint=latest_checkpoint(out),
+        metrics_path=out / "metrics.csv",
+        epochs=trainer.state.epoch,
+        iterations=trainer.state.iteration,
+        resumed_from=resume_from,
+    )
+
+
+def _attach_epoch_log(
+    trainer: Engine, model, path: Path, val_loader, val_views, device, amp_dtype, seed: int, writer
+) -> None:
+    """Per epoch: mean training loss, validation loss (fixed augmentations), wall time -> epochs.csv."""
+    evaluator = (
+        create_evaluator(model, device=device, amp_dtype=amp_dtype)
+        if val_loader is not None
+        else None
+    )
+    state = {"losses": [], "start": time.perf_counter()}
+    trainer.add_event_handler(
+        Events.EPOCH_STARTED, lambda _e: state.update(losses=[], start=time.perf_counter())
+    )
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda e: state["losses"].append(e.state.output["loss"])
+    )
+
+    def log_epoch(engine: Engine) -> None:
+        train_loss = (
+            torch.stack(state["losses"]).float().mean().item() if state["losses"] else float("nan")
+        )
+        val_loss = float("nan")
+        if evaluator is not None:
+            # the same augmentations every epoch, so validation losses are comparable
+            torch_state = torch.random.get_rng_state()
+            val_views.set_random_state(seed=seed)
+            torch.manual_seed(seed)
+            val_loss = evaluator.run(val_loader).metrics["loss"]
+            torch.random.set_rng_state(torch_state)
+        seconds = time.perf_counter() - state["start"]
+        new = not path.exists()
+        with path.open("a") as f:
+            if new:
+                f.write("epoch,iteration,train_loss,val_loss,seconds\n")
+            f.write(
+                f"{engine.state.epoch},{engine.state.iteration},{train_loss:.6f},{val_loss:.6f},{seconds:.2f}\n"
+            )
+        engine.state.metrics.update({"train_loss": train_loss, "val_loss": val_loss})
+        if writer is not None:
+            writer.add_scalar("epoch/train_loss", train_loss, engine.state.iteration)
+            writer.add_scalar("epoch/val_loss", val_loss, engine.state.iteration)
+        logger.info(
+            "epoch %d: train loss %.4f, val loss %.4f, %.1f s",
+            engine.state.epoch,
+            train_loss,
+            val_loss,
+            seconds,
+        )
+
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, log_epoch)

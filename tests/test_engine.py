@@ -1,0 +1,185 @@
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Events
+from torch import nn
+
+from byol3d import BYOL, cosine_tau
+from byol3d.engine import (
+    MetricsLogger,
+    NonFiniteLossError,
+    Reseed,
+    TargetUpdate,
+    create_evaluator,
+    create_trainer,
+    resolve_amp,
+)
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Flatten(), nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 5))
+    return BYOL(enc, input_shape=(8,), hidden_layer="3", projection_dim=3, hidden_dim=4)
+
+
+def batches(n=6, b=4):
+    g = torch.Generator().manual_seed(1)
+    return [
+        {"view1": torch.randn(b, 8, generator=g), "view2": torch.randn(b, 8, generator=g)}
+        for _ in range(n)
+    ]
+
+
+def target_state(model):
+    return [p.detach().clone() for p in model.target_encoder.parameters()]
+
+
+def test_trainer_updates_online_and_target_with_cosine_tau():
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = create_trainer(model, opt)
+    TargetUpdate(model, base_tau=0.9).attach(trainer)
+    taus = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: taus.append(e.state.tau))
+    before = target_state(model)
+    trainer.run(batches(5), max_epochs=2)
+    assert taus == pytest.approx([cosine_tau(k, 10, 0.9) for k in range(10)])
+    assert any(not torch.equal(a, b) for a, b in zip(before, target_state(model)))
+
+
+def test_target_update_only_when_optimizer_stepped():
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = create_trainer(model, opt, accumulate_steps=2)
+    TargetUpdate(model, base_tau=0.5).attach(trainer)
+    log = []
+
+    def record(engine):
+        log.append((engine.state.iteration, engine.state.optimizer_stepped, target_state(model)))
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, record)
+    start = target_state(model)
+    trainer.run(batches(4), max_epochs=1)
+    prev = start
+    for it, stepped, state in log:
+        changed = any(not torch.equal(a, b) for a, b in zip(prev, state))
+        assert stepped == (it % 2 == 0) and changed == stepped, it
+        prev = state
+
+
+def test_ema_step_is_exact_on_tiny_model():
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = create_trainer(model, opt)
+    TargetUpdate(model, base_tau=0.9).attach(trainer)
+    snapshots = {}
+
+    @trainer.on(Events.ITERATION_STARTED)
+    def before(engine):
+        snapshots["target"] = target_state(model)
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def check(engine):
+        online = [p.detach() for p in model.online_encoder.parameters()]
+        tau = engine.state.tau
+        for new, old, o in zip(target_state(model), snapshots["target"], online):
+            torch.testing.assert_close(new, tau * old + (1 - tau) * o, rtol=1e-6, atol=1e-7)
+
+    trainer.run(batches(3), max_epochs=1)
+
+
+def test_trainer_output_is_detached_tensors():
+    model = tiny_model()
+    trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    state = trainer.run(batches(2), max_epochs=1)
+    assert set(state.output) == {"loss", "collapse"}
+    assert not state.output["loss"].requires_grad and state.output["loss"].ndim == 0
+
+
+def test_lr_scheduler_steps_per_optimizer_step():
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (k + 1))
+    trainer = create_trainer(model, opt, lr_scheduler=sched, accumulate_steps=2)
+    trainer.run(batches(6), max_epochs=1)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1.0 / 4)  # 3 optimizer steps
+
+
+def test_metrics_logger_writes_every_iteration(tmp_path):
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = create_trainer(model, opt)
+    TargetUpdate(model, 0.99).attach(trainer)
+    MetricsLogger(tmp_path / "metrics.csv", opt, log_every=4).attach(trainer)
+    trainer.run(batches(5), max_epochs=2)
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert [int(r["iteration"]) for r in rows] == list(range(1, 11))
+    assert [int(r["epoch"]) for r in rows] == [1] * 5 + [2] * 5
+    assert float(rows[0]["tau"]) == pytest.approx(0.99)
+    assert all(0 <= float(r["loss"]) <= 8 and float(r["collapse"]) > 0 for r in rows)
+    assert trainer.state.metrics["loss"] == pytest.approx(float(rows[-1]["loss"]))
+
+
+def test_non_finite_loss_stops_naming_the_iteration(tmp_path):
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = create_trainer(model, opt)
+    MetricsLogger(tmp_path / "metrics.csv", opt, log_every=100).attach(trainer)
+    data = batches(4)
+    data[2]["view1"][:] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="iteration 3 "):
+        trainer.run(data, max_epochs=1)
+
+
+def test_evaluator_mean_loss_in_eval_mode_without_grad():
+    model = tiny_model()
+    data = batches(3)
+    loss = create_evaluator(model).run(data).metrics["loss"]
+    model.eval()
+    with torch.no_grad():
+        expected = np.mean([model(b["view1"], b["view2"]).item() for b in data])
+    assert loss == pytest.approx(expected, rel=1e-6)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_reseed_gives_the_same_draws_per_epoch():
+    class Source:
+        def __init__(self):
+            self.seeds = []
+
+        def set_random_state(self, seed):
+            self.seeds.append(seed)
+
+    def draws(epochs):
+        src = Source()
+        trainer = create_trainer(tiny_model(), torch.optim.SGD(tiny_model().parameters(), lr=0.0))
+        Reseed(7, [src]).attach(trainer)
+        out = []
+        trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: out.append(torch.rand(1).item()))
+        trainer.run(batches(1), max_epochs=epochs)
+        return out, src.seeds
+
+    (a, sa), (b, sb) = draws(3), draws(3)
+    assert a == b and sa == sb and len(set(sa)) == 3
+
+
+def test_resolve_amp():
+    cpu = torch.device("cpu")
+    assert resolve_amp("none", cpu) is None
+    assert resolve_amp("auto", cpu) is None
+    assert resolve_amp("bf16", cpu) is torch.bfloat16
+    with pytest.raises(Exception, match="fp16"):
+        resolve_amp("fp16", cpu)
+
+
+def test_bf16_autocast_step_runs_on_cpu():
+    model = tiny_model()
+    trainer = create_trainer(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), amp_dtype=torch.bfloat16
+    )
+    state = trainer.run(batches(2), max_epochs=1)
+    assert torch.isfinite(state.output["loss"]) and state.output["loss"].dtype == torch.float32
