@@ -137,3 +137,15 @@ def test_shipped_configs_load(name):
 
     cfg = load_config(Path(__file__).parents[1] / "configs" / name)
     assert cfg["data"]["spatial_dims"] == 3
+
+
+def test_readme_config_reference_is_current():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    table = subprocess.run(
+        [sys.executable, str(root / "scripts" / "config_reference.py")], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert table in (root / "README.md").read_text(), "run: python scripts/config_reference.py --write"
