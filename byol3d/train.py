@@ -140,6 +140,23 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _truncate_log(path: Path, iteration: int) -> None:
+    """Keep the header and the rows of ``path`` (a CSV with an ``iteration`` column) up to ``iteration``."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    if not lines:
+        return
+    column = lines[0].rstrip("\n").split(",").index("iteration")
+    kept = [lines[0]] + [
+        line for line in lines[1:] if line.strip() and int(line.split(",")[column]) <= iteration
+    ]
+    if len(kept) < len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
 def _tensorboard_writer(enabled: bool, log_dir: Path):
     if not enabled:
         return None
@@ -328,6 +345,9 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
             trainer.state.epoch,
             trainer.state.iteration,
         )
+        # rows logged after that checkpoint by the interrupted run are replaced by the resumed ones
+        for log in (out / "metrics.csv", out / "epochs.csv"):
+            _truncate_log(log, trainer.state.iteration)
     done = trainer.state.epoch >= train_cfg["max_epochs"]
     if done:  # ignite would restart a finished run from scratch: never overwrite it
         logger.info(

@@ -1,0 +1,412 @@
+"""Data: find the images under a folder, split them, and build a (cached) two-view dataset.
+
+>>> from byol3d.data import build_dataset, find_images, split_train_val
+>>> from byol3d.transforms import ct_preprocess, view_transforms
+>>> files = find_images("/data/ct")                          # doctest: +SKIP
+>>> train, val = split_train_val(files, val_fraction=0.1, seed=0)  # doctest: +SKIP
+>>> ds = build_dataset(train, ct_preprocess(), view_transforms(), cache="cache")  # doctest: +SKIP
+>>> sorted(ds[0])                                            # doctest: +SKIP
+['view1', 'view1_box', 'view2', 'view2_box']
+
+The deterministic preprocessing is what gets cached (in RAM with ``cache="cache"``, on disk
+with ``cache="persistent"``); the random views are drawn on top of the cached item at every
+access, by :class:`ViewDataset`, and never write into the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+from monai.config import PathLike
+from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.data.utils import json_hashing
+from monai.transforms import Compose, LoadImaged, Spacingd, SpatialPadd, apply_transform
+
+from byol3d.errors import DataError
+from byol3d.readers import dicom_series_files, find_data_error
+
+__all__ = [
+    "CACHE_KINDS",
+    "IMAGE_SUFFIXES",
+    "ViewDataset",
+    "build_dataset",
+    "estimate_cache_bytes",
+    "find_images",
+    "split_train_val",
+]
+
+logger = logging.getLogger("byol3d")
+
+#: Image files :func:`find_images` collects (matched case-insensitively).
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
+#: Values of ``build_dataset(cache=...)``.
+CACHE_KINDS = ("none", "cache", "persistent")
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _maybe_dicom(name: str) -> bool:
+    """No suffix, a numeric one (UID-named files such as ``1.2.840.113619.2.1``) or ``.ima``."""
+    suffix = Path(name).suffix.lower()
+    return suffix in ("", ".ima", ".dicom") or suffix[1:].isdigit()
+
+
+def _is_dicom_folder(folder: str, names: Sequence[str]) -> bool:
+    """A folder with ``.dcm`` files, or with files that GDCM reads as a DICOM series."""
+    if any(n.lower().endswith(".dcm") for n in names):
+        return True
+    if any(_maybe_dicom(n) for n in names):  # GDCM reads only the headers: cheap
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder))
+    return False
+
+
+def find_images(root: PathLike, dicom: bool = True) -> list[str]:
+    """All images under ``root``, recursively, as a sorted list of paths.
+
+    Collects files ending in :data:`IMAGE_SUFFIXES` (any case) and, with ``dicom``, DICOM
+    series folders (a folder holding ``.dcm`` files, or files without a suffix, with a
+    numeric one as UID-named files have, or ``.ima``, that SimpleITK/GDCM recognises as
+    DICOM); the folder path stands for the series. Hidden
+    files and folders (``.name``) are skipped, as are ``.raw`` companions of ``.mhd``.
+
+    Args:
+        root: the data folder.
+        dicom: also look for DICOM series folders.
+
+    Returns:
+        Sorted paths (strings), the same on every call and machine for the same tree.
+
+    Raises:
+        DataError: when ``root`` does not exist, is not a folder, or holds no image.
+    """
+    folder = Path(root).expanduser()
+    if not folder.exists():
+        raise DataError(f"data folder {root} does not exist")
+    if not folder.is_dir():
+        raise DataError(f"data folder {root} is not a directory")
+    found: list[str] = []
+    others: Counter[str] = Counter()
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        names = sorted(f for f in filenames if not f.startswith("."))
+        found += [os.path.join(dirpath, f) for f in names if _is_image(f)]
+        rest = [f for f in names if not _is_image(f)]
+        if dicom and rest and _is_dicom_folder(dirpath, rest):
+            found.append(dirpath)
+        else:
+            others.update(Path(f).suffix.lower() or "(no suffix)" for f in rest)
+    if not found:
+        looked = "/".join(IMAGE_SUFFIXES) + (
+            " files or DICOM series folders" if dicom else " files"
+        )
+        held = sum(others.values())
+        if held:
+            kinds = ", ".join(f"{n} {s}" for s, n in others.most_common(5))
+            raise DataError(
+                f"no images in {root}: found {held} files ({kinds}), none of them {looked}"
+            )
+        raise DataError(
+            f"no images in {root}: it holds no files (looked for {looked}, recursively)"
+        )
+    return sorted(found)
+
+
+def split_train_val(
+    files: Sequence[PathLike], val_fraction: float = 0.1, seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """Split files into training and validation sets with a seeded shuffle.
+
+    The split depends only on the set of files and the seed (the files are sorted before
+    shuffling), so it is the same on every call. Both lists keep the sorted order.
+
+    Args:
+        files: image paths, e.g. from :func:`find_images`.
+        val_fraction: fraction for validation in [0, 1). 0 gives no validation; otherwise
+            at least one validation file when there are two or more files, and never all.
+        seed: the shuffle's seed.
+
+    Returns:
+        ``(train, val)``, disjoint lists of strings.
+    """
+    if isinstance(val_fraction, bool) or not 0.0 <= float(val_fraction) < 1.0:
+        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction!r}")
+    names = sorted(str(f) for f in files)
+    if len(set(names)) != len(names):
+        dupes = sorted(n for n, c in Counter(names).items() if c > 1)
+        raise ValueError(f"files holds duplicates, e.g. {dupes[0]!r}")
+    n_val = 0
+    if val_fraction > 0 and len(names) >= 2:
+        n_val = min(max(1, round(len(names) * val_fraction)), len(names) - 1)
+    elif val_fraction > 0:
+        logger.warning("only %d image(s): no validation split", len(names))
+    order = list(range(len(names)))
+    random.Random(seed).shuffle(order)
+    val_idx = set(order[:n_val])
+    train = [n for i, n in enumerate(names) if i not in val_idx]
+    val = [n for i, n in enumerate(names) if i in val_idx]
+    return train, val
+
+
+def _header_geometry(path: str) -> tuple[list[int], list[float], int]:
+    """(spatial shape, spacing, channels) of an image, from its header only."""
+    if _is_image(path) and path.lower().endswith((".nii", ".nii.gz")):
+        img = nib.load(path)
+        shape = list(img.shape)
+        spacing = list(nib.affines.voxel_sizes(img.affine))
+        return shape[:3], spacing[: len(shape[:3])], int(np.prod(shape[3:], dtype=np.int64))
+    reader = sitk.ImageFileReader()
+    if os.path.isdir(path):
+        names = dicom_series_files(path)
+        reader.SetFileName(names[0])
+        reader.ReadImageInformation()
+        size, spacing = list(reader.GetSize()[:2]), list(reader.GetSpacing()[:2])
+        z = spacing[0]
+        if len(names) > 1:
+            origin = np.asarray(reader.GetOrigin())
+            reader.SetFileName(names[1])
+            reader.ReadImageInformation()
+            z = float(np.linalg.norm(np.asarray(reader.GetOrigin()) - origin)) or z
+        return [*size, len(names)], [*spacing, z], reader.GetNumberOfComponents()
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    size, spacing = list(reader.GetSize()), list(reader.GetSpacing())
+    channels = reader.GetNumberOfComponents() * int(np.prod(size[3:], dtype=np.int64))
+    return size[:3], spacing[:3], channels
+
+
+def estimate_cache_bytes(
+    files: Sequence[PathLike],
+    pixdim: Sequence[float] | None = None,
+    roi_size: Sequence[int] | None = None,
+) -> int:
+    """Upper bound of the memory (or disk) the preprocessed images take, in bytes.
+
+    Reads only the headers (nibabel, or SimpleITK ``ReadImageInformation``), then applies
+    the resampling to ``pixdim`` and the padding to ``roi_size`` to the shape, at 4 bytes a
+    voxel (float32). The foreground crop is not known before loading, hence an upper bound.
+
+    Args:
+        files: image paths or DICOM series folders.
+        pixdim: the target spacing of ``Spacingd``, or None for native spacing.
+        roi_size: the ``SpatialPadd`` size, or None.
+
+    Raises:
+        DataError: naming a file whose header cannot be read.
+    """
+    total = 0
+    for f in files:
+        path = str(f)
+        try:
+            shape, spacing, channels = _header_geometry(path)
+        except DataError:
+            raise
+        except Exception as err:
+            raise DataError(
+                f"cannot read the header of {path}: {str(err).strip().splitlines()[-1]}"
+            ) from err
+        if pixdim is not None:
+            shape = [math.ceil(n * s / p) for n, s, p in zip(shape, spacing, pixdim, strict=False)]
+        if roi_size is not None:
+            shape = [max(n, r) for n, r in zip(shape, roi_size, strict=False)]
+        total += 4 * max(channels, 1) * int(np.prod(shape, dtype=np.int64))
+    return total
+
+
+def _human(n: float) -> str:
+    """Bytes as a short human-readable size, e.g. ``14.2 GiB``."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _available_ram() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+class ViewDataset(Dataset):
+    """Random views on top of a dataset of preprocessed items, leaving those items intact.
+
+    ``ViewDataset(base, views)[i]`` is ``views(dict(base[i]))``: ``base`` runs (or reads from
+    its cache) the deterministic preprocessing, ``views`` draws the random views. Keeping
+    the two apart means the cache holds one preprocessed image per file (not the view
+    copies), and the cached item is only read: ``CacheDataset`` returns its cached dict by
+    reference when its transform has no random part, the dict is copied here, and
+    ``CopyItemsd`` copies the tensor before any view transform touches it.
+
+    MONAI's ``DataLoader`` seeds the view transforms in every worker (``set_rnd`` walks
+    ``data`` and ``transform``); a plain torch ``DataLoader`` needs
+    ``worker_init_fn=monai.data.utils.worker_init_fn``, or all workers draw the same views.
+
+    A :class:`DataError` raised while preprocessing (an unusable file) is re-raised as such,
+    not wrapped in MONAI's ``RuntimeError``.
+
+    Args:
+        base: a dataset of preprocessed items (``monai.data.Dataset``/``CacheDataset``/...).
+        views: the random transform, e.g. :func:`byol3d.transforms.view_transforms`.
+    """
+
+    def __init__(self, base: Sequence, views: Callable) -> None:
+        super().__init__(data=base, transform=views)
+        self.cache_bytes: int | None = None
+
+    def _transform(self, index: int) -> Any:
+        try:
+            item = self.data[index]
+        except Exception as exc:
+            err = find_data_error(exc)
+            if err is None:
+                raise
+            raise err from None
+        return apply_transform(self.transform, dict(item))
+
+
+def _first_of(compose: Any, kind: type) -> Any:
+    if not isinstance(compose, Compose):
+        return None
+    return next((t for t in compose.flatten().transforms if isinstance(t, kind)), None)
+
+
+class _ConfigHash:
+    """``hash_transform`` for ``PersistentDataset``: a digest of the preprocessing config.
+
+    MONAI does not hash its transforms' parameters (only their class names), so a changed
+    ``pixdim`` would silently reuse stale cache files; the config goes into the file names.
+    """
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        text = json.dumps({"byol3d_preprocess": 1, **config}, sort_keys=True, default=str)
+        self.digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def __call__(self, _transforms: Any) -> bytes:
+        return self.digest.encode()
+
+
+def build_dataset(
+    files: Sequence[PathLike | Mapping[str, Any]],
+    preprocess: Compose,
+    views: Callable,
+    cache: str = "cache",
+    cache_dir: PathLike | None = None,
+    cache_rate: float = 1.0,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> ViewDataset:
+    """A two-view dataset: preprocess (cached as asked), then fresh random views each access.
+
+    Args:
+        files: image paths (wrapped as ``{"image": path}``, the key taken from the loader of
+            ``preprocess``) or ready data rows (dicts).
+        preprocess: the deterministic transform, e.g. :func:`byol3d.transforms.ct_preprocess`.
+        views: the random transform, e.g. :func:`byol3d.transforms.view_transforms`.
+        cache: ``"none"`` (load and preprocess at every access), ``"cache"`` (keep the
+            preprocessed images in RAM: ``monai.data.CacheDataset``) or ``"persistent"``
+            (keep them on disk in ``cache_dir``: ``monai.data.PersistentDataset``; the file
+            names carry a hash of the preprocessing config, so changing it never reuses
+            stale files). Before caching, the cost is logged (and warned about when it
+            exceeds the available RAM or disk).
+        cache_dir: the folder for ``cache="persistent"`` (required then; created).
+        cache_rate: fraction of the items kept in RAM with ``cache="cache"`` (the rest are
+            preprocessed at every access).
+        num_workers: threads that fill the RAM cache (0 or 1: one thread).
+        progress: show a progress bar while filling the RAM cache.
+
+    Returns:
+        A :class:`ViewDataset`; its ``cache_bytes`` holds the estimate (None for "none").
+
+    Raises:
+        ValueError: for a bad ``cache``, ``cache_dir``, ``cache_rate`` or ``num_workers``.
+        DataError: for a file that cannot be used (named in the message).
+    """
+    if cache not in CACHE_KINDS:
+        raise ValueError(f"cache must be one of {', '.join(CACHE_KINDS)}, got {cache!r}")
+    if isinstance(cache_rate, bool) or not 0.0 <= float(cache_rate) <= 1.0:
+        raise ValueError(f"cache_rate must lie in [0, 1], got {cache_rate!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+    if cache == "persistent" and not cache_dir:
+        raise ValueError("cache_dir must be given for cache='persistent'")
+    loader = _first_of(preprocess, LoadImaged)
+    key = loader.keys[0] if loader is not None else "image"
+    rows = [dict(f) if isinstance(f, Mapping) else {key: str(f)} for f in files]
+    if cache == "none":
+        return ViewDataset(Dataset(rows, transform=preprocess), views)
+
+    spacing, pad = _first_of(preprocess, Spacingd), _first_of(preprocess, SpatialPadd)
+    pixdim = None if spacing is None else spacing.spacing_transform.pixdim
+    roi = None if pad is None else pad.padder.spatial_size
+    n = int(len(rows) * cache_rate) if cache == "cache" else len(rows)  # CacheDataset's count
+    paths = [r[key] for r in rows[:n] if isinstance(r.get(key), (str, os.PathLike))]
+    est = estimate_cache_bytes(paths, pixdim=pixdim, roi_size=roi)
+    note = "float32 after preprocessing, upper bound before foreground crop"
+    try:
+        if cache == "cache":
+            logger.info("caching %d volumes in RAM: about %s (%s)", n, _human(est), note)
+            free = _available_ram()
+            if free is not None and est > free:
+                logger.warning(
+                    "the RAM cache (about %s) may not fit in the %s available: use cache='persistent' "
+                    "or a lower cache_rate",
+                    _human(est),
+                    _human(free),
+                )
+            base: Dataset = CacheDataset(
+                rows,
+                preprocess,
+                cache_rate=cache_rate,
+                num_workers=max(num_workers, 1),
+                progress=progress,
+            )
+        else:
+            folder = Path(cache_dir).expanduser()
+            folder.mkdir(parents=True, exist_ok=True)
+            logger.info(
+                "caching %d volumes on disk in %s: about %s (%s)",
+                n,
+                folder,
+                _human(est),
+                note,
+            )
+            free = shutil.disk_usage(folder).free
+            if est > free:
+                logger.warning(
+                    "the disk cache (about %s) may not fit in the %s free",
+                    _human(est),
+                    _human(free),
+                )
+            config = getattr(preprocess, "config", None)
+            hasher = _ConfigHash(config) if config else json_hashing
+            base = PersistentDataset(rows, preprocess, cache_dir=folder, hash_transform=hasher)
+    except Exception as exc:
+        err = find_data_error(exc)
+        if err is None:
+            raise
+        raise err from None
+    dataset = ViewDataset(base, views)
+    dataset.cache_bytes = est
+    return dataset

@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+import yaml
+from monai.networks.nets import FlexibleUNet
+
+from byol3d.config import load_config
+from byol3d.errors import CheckpointError, ConfigError, DataError
+from byol3d.networks import build_encoder
+from byol3d.phantom import write_demo_dataset
+from byol3d.train import latest_checkpoint, pretrain
+
+TINY = [
+    "model.encoder=resnet10",
+    "model.hidden_dim=32",
+    "model.projection_dim=16",
+    "transforms.roi_size=[32,32,32]",
+    "transforms.pixdim=null",
+    "train.batch_size=2",
+    "train.max_epochs=1",
+    "train.warmup_epochs=0",
+    "train.log_every=2",
+    "train.progress=false",
+    "train.tensorboard=false",
+    "train.device=cpu",
+    "data.cache=none",
+    "data.num_workers=0",
+    "data.val_fraction=0.2",
+    "data.dicom=false",
+]
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantoms")
+    write_demo_dataset(root, n=5, shape=(40, 40, 32), spacing=(8.0, 8.0, 10.0), seed=0)
+    return root / "images"
+
+
+def tiny_config(root, out, *extra):
+    return load_config(None, [*TINY, f"data.root={root}", f"output_dir={out}", *extra])
+
+
+def weights(model_file):
+    return torch.load(model_file, map_location="cpu", weights_only=True)
+
+
+def test_pretrain_writes_the_run_directory(phantoms, tmp_path):
+    out = tmp_path / "run"
+    result = pretrain(tiny_config(phantoms, out))
+    assert (out / "config.yaml").is_file() and yaml.safe_load((out / "config.yaml").read_text())["data"]["root"] == str(phantoms)
+    assert result.checkpoint == out / "checkpoints" / "checkpoint_1.pt"
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["iteration"]) for r in rows] == list(range(1, result.iterations + 1))
+    assert result.iterations == 2  # 4 training volumes, batch 2
+    assert all(float(r["collapse"]) > 0 for r in rows)
+    epochs = list(csv.DictReader((out / "epochs.csv").open()))
+    assert len(epochs) == 1 and float(epochs[0]["val_loss"]) >= 0
+    # encoder.pt: a plain state_dict that build_encoder and FlexibleUNet load strictly
+    state = weights(result.encoder_path)
+    build_encoder("resnet10", spatial_dims=3, in_channels=1).load_state_dict(state, strict=True)
+    unet = FlexibleUNet(in_channels=1, out_channels=3, backbone="resnet10", spatial_dims=3)
+    unet.encoder.load_state_dict(state, strict=True)
+    ckpt = weights(result.checkpoint)
+    assert {"model", "optimizer", "lr_scheduler", "trainer", "config"} <= set(ckpt)
+    assert ckpt["config"]["model"]["encoder"] == "resnet10"
+    assert torch.equal(state["conv1.weight"], ckpt["model"]["online_encoder.net.conv1.weight"])
+
+
+def test_resume_continues_from_checkpoint_and_matches_uninterrupted_run(phantoms, tmp_path):
+    out = tmp_path / "run"
+    straight = pretrain(tiny_config(phantoms, out, "train.max_epochs=2"))
+    assert straight.iterations == 4
+    final = weights(straight.checkpoint)
+    # an interruption after epoch 1's checkpoint: the epoch-2 checkpoint never got written
+    straight.checkpoint.unlink()
+    resumed = pretrain(tiny_config(phantoms, out, "train.max_epochs=2"))
+    assert resumed.resumed_from == out / "checkpoints" / "checkpoint_1.pt"
+    assert resumed.iterations == 4
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4]
+    again = weights(resumed.checkpoint)
+    assert again["trainer"]["iteration"] == 4
+    for part in ("model", "optimizer"):
+        a, b = final[part], again[part]
+        if part == "optimizer":
+            a, b = a["state"], b["state"]
+            a = {f"{k}.{n}": v for k, s in a.items() for n, v in s.items()}
+            b = {f"{k}.{n}": v for k, s in b.items() for n, v in s.items()}
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), f"{part}: {key}"
+
+
+def test_raising_max_epochs_trains_on_from_the_checkpoint(phantoms, tmp_path):
+    out = tmp_path / "run"
+    first = pretrain(tiny_config(phantoms, out, "train.max_epochs=1"))
+    second = pretrain(tiny_config(phantoms, out, "train.max_epochs=2"))
+    assert first.iterations == 2 and second.iterations == 4
+    assert second.resumed_from == out / "checkpoints" / "checkpoint_1.pt"
+    assert latest_checkpoint(out).name == "checkpoint_2.pt"
+    assert weights(out / "checkpoints" / "checkpoint_2.pt")["trainer"]["iteration"] == 4
+
+
+def test_finished_run_is_not_retrained(phantoms, tmp_path):
+    out = tmp_path / "run"
+    pretrain(tiny_config(phantoms, out))
+    before = weights(out / "encoder.pt")
+    again = pretrain(tiny_config(phantoms, out))
+    assert again.iterations == 2 and again.resumed_from is not None
+    after = weights(out / "encoder.pt")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_changed_config_refuses_to_reuse_run_dir(phantoms, tmp_path):
+    out = tmp_path / "run"
+    pretrain(tiny_config(phantoms, out))
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        pretrain(tiny_config(phantoms, out, "train.max_epochs=2", "train.lr=0.01"))
+    result = pretrain(tiny_config(phantoms, out, "train.max_epochs=2", "train.lr=0.01"), allow_config_change=True)
+    assert result.epochs == 2
+    assert latest_checkpoint(out).name == "checkpoint_2.pt"
+    assert (out / "checkpoints" / "checkpoint_1.pt").is_file()  # earlier checkpoints are kept
+
+
+def test_truncated_checkpoint_is_a_clear_error(phantoms, tmp_path):
+    out = tmp_path / "run"
+    pretrain(tiny_config(phantoms, out))
+    ckpt = latest_checkpoint(out)
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="checkpoint_1.pt"):
+        pretrain(tiny_config(phantoms, out, "train.max_epochs=2"))
+
+
+def test_missing_data_root_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="data.root"):
+        pretrain(load_config(None, [*TINY, f"output_dir={tmp_path}"]))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty"):
+        pretrain(tiny_config(tmp_path / "empty", tmp_path / "run"))
