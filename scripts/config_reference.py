@@ -1,7 +1,7 @@
 """Print the config reference table (markdown) from byol3d.config.OPTIONS, or update README.md.
 
-    python scripts/config_reference.py            # print the table
-    python scripts/config_reference.py --write    # replace the table in README.md
+python scripts/config_reference.py            # print the table
+python scripts/config_reference.py --write    # replace the table in README.md
 """
 
 from __future__ import annotations

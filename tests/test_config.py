@@ -146,6 +146,11 @@ def test_readme_config_reference_is_current():
 
     root = Path(__file__).parents[1]
     table = subprocess.run(
-        [sys.executable, str(root / "scripts" / "config_reference.py")], capture_output=True, text=True, check=True
+        [sys.executable, str(root / "scripts" / "config_reference.py")],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
-    assert table in (root / "README.md").read_text(), "run: python scripts/config_reference.py --write"
+    assert table in (root / "README.md").read_text(), (
+        "run: python scripts/config_reference.py --write"
+    )

@@ -51,7 +51,9 @@ def weights(model_file):
 def test_pretrain_writes_the_run_directory(phantoms, tmp_path):
     out = tmp_path / "run"
     result = pretrain(tiny_config(phantoms, out))
-    assert (out / "config.yaml").is_file() and yaml.safe_load((out / "config.yaml").read_text())["data"]["root"] == str(phantoms)
+    assert (out / "config.yaml").is_file() and yaml.safe_load((out / "config.yaml").read_text())[
+        "data"
+    ]["root"] == str(phantoms)
     assert result.checkpoint == out / "checkpoints" / "checkpoint_1.pt"
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert [int(r["iteration"]) for r in rows] == list(range(1, result.iterations + 1))
@@ -120,7 +122,9 @@ def test_changed_config_refuses_to_reuse_run_dir(phantoms, tmp_path):
     pretrain(tiny_config(phantoms, out))
     with pytest.raises(ConfigError, match=r"train\.lr"):
         pretrain(tiny_config(phantoms, out, "train.max_epochs=2", "train.lr=0.01"))
-    result = pretrain(tiny_config(phantoms, out, "train.max_epochs=2", "train.lr=0.01"), allow_config_change=True)
+    result = pretrain(
+        tiny_config(phantoms, out, "train.max_epochs=2", "train.lr=0.01"), allow_config_change=True
+    )
     assert result.epochs == 2
     assert latest_checkpoint(out).name == "checkpoint_2.pt"
     assert (out / "checkpoints" / "checkpoint_1.pt").is_file()  # earlier checkpoints are kept
