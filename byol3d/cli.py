@@ -75,6 +75,8 @@ def _setup_logging(quiet: bool) -> None:
         log.addHandler(handler)
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False
+    # ignite logs every exception that ends a run; byol3d reports it in one line itself
+    logging.getLogger("ignite").setLevel(logging.CRITICAL)
 
 
 def _pretrain(args: argparse.Namespace) -> None:
@@ -113,7 +115,14 @@ def _demo_data(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``byol3d`` console script; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # options may come between the KEY=VALUE overrides: collect the overrides argparse left over
+    args, extra = parser.parse_known_args(argv)
+    unknown = [x for x in extra if x.startswith("-") or args.command != "pretrain"]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     _setup_logging(getattr(args, "quiet", False))
     try:
         {"pretrain": _pretrain, "demo-data": _demo_data}[args.command](args)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,6 +330,9 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     for key, value in flat.items():
         if key not in OPTIONS:
             raise _unknown(key, "the config")
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):
+            raise _fail(key, value, "finite (no NaN or Inf)")
         opt = OPTIONS[key]
         if opt.choices is not None and value not in opt.choices:
             raise _fail(key, value, "one of " + ", ".join(map(str, opt.choices)))
@@ -380,7 +384,13 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
         raise _fail("train.lr", flat["train.lr"], "> 0")
     if not 0 <= flat["train.min_lr"] <= flat["train.lr"]:
         raise _fail("train.min_lr", flat["train.min_lr"], f"in [0, train.lr = {flat['train.lr']}]")
-    for key in ("train.weight_decay", "train.momentum", "train.warmup_epochs", "data.num_workers"):
+    if not 0 <= flat["seed"] < 2**32:
+        raise _fail("seed", flat["seed"], "in [0, 2**32)")
+    if not 0 <= flat["train.momentum"] < 1:
+        raise _fail("train.momentum", flat["train.momentum"], "in [0, 1)")
+    if not flat["output_dir"].strip():
+        raise _fail("output_dir", flat["output_dir"], "a folder name")
+    for key in ("train.weight_decay", "train.warmup_epochs", "data.num_workers"):
         if flat[key] < 0:
             raise _fail(key, flat[key], ">= 0")
     for key in (

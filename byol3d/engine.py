@@ -2,7 +2,7 @@
 
 * :func:`create_trainer`: the training Engine. Its ``train_step`` runs both views through
   the model under autocast, back-propagates, steps the optimizer every
-  ``accumulate_steps`` iterations and records on ``engine.state.optimizer_stepped``
+  ``accumulate_steps`` iterations (and at each epoch end) and records on ``engine.state.optimizer_stepped``
   whether the optimizer really stepped (an fp16 step skipped for inf gradients does not).
 * :class:`TargetUpdate`: the EMA target update with the cosine tau, once per real
   optimizer step (skipping non-steps, unlike solo-learn#286), tau on ``engine.state.tau``.
@@ -90,7 +90,12 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
         return torch.float16
     if amp == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # native bf16 from Ampere (compute capability 8) on; older cards only emulate it
+            return (
+                torch.bfloat16
+                if torch.cuda.get_device_capability(device)[0] >= 8
+                else torch.float16
+            )
         return None
     raise Byol3dError(f"invalid train.amp {amp!r}, must be one of auto, bf16, fp16, none")
 
@@ -126,7 +131,7 @@ def create_trainer(
         grad_clip: max gradient norm, or ``None``.
         view_keys: the batch keys of the two views.
 
-    The step output is ``{"loss": tensor, "collapse": tensor}`` (0-dim, detached, on device:
+    The step output is ``{"loss": tensor, "collapse": tensor, "lr": float}`` (tensors 0-dim, detached, on device:
     nothing here forces a host sync).
     """
     if accumulate_steps < 1:
@@ -142,7 +147,13 @@ def create_trainer(
     def train_step(engine: Engine, batch: dict) -> dict[str, torch.Tensor]:
         model.train()
         v1, v2 = _to(batch, key1, device), _to(batch, key2, device)
-        will_step = engine.state.iteration % accumulate_steps == 0
+        epoch_length = engine.state.epoch_length or engine.state.iteration
+        i = (engine.state.iteration - 1) % epoch_length + 1  # 1-based iteration within the epoch
+        will_step = i % accumulate_steps == 0 or i == epoch_length
+        last_start = (
+            optimizer_steps(epoch_length, epoch_length, accumulate_steps) - 1
+        ) * accumulate_steps
+        group = epoch_length - last_start if i > last_start else accumulate_steps
         sync = (
             model.no_sync
             if (not will_step and hasattr(model, "no_sync"))
@@ -151,23 +162,23 @@ def create_trainer(
         with sync():
             with autocast():
                 loss, stats = model(v1, v2, return_stats=True)
-            scaled = loss / accumulate_steps
+            if loss.ndim:  # DataParallel gathers one loss per replica
+                loss, stats = loss.mean(), {k: v.mean() for k, v in stats.items()}
+            scaled = loss / group
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         stepped = False
+        lr = optimizer.param_groups[0]["lr"]  # the lr this step uses (the scheduler moves it after)
         if will_step:
             if scaler is not None:
                 scaler.unscale_(optimizer)
             if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for g in optimizer.param_groups for p in g["params"]], max_norm=grad_clip
-                )
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                torch.nn.utils.clip_grad_norm_(params, max_norm=grad_clip)
             if scaler is not None:
                 scale_before = scaler.get_scale()
                 scaler.step(optimizer)
                 scaler.update()
-                stepped = (
-                    scaler.get_scale() >= scale_before
-                )  # the scale drops when the step was skipped
+                stepped = scaler.get_scale() >= scale_before  # the scale drops on a skipped step
             else:
                 optimizer.step()
                 stepped = True
@@ -175,7 +186,7 @@ def create_trainer(
             if lr_scheduler is not None:
                 lr_scheduler.step()
         engine.state.optimizer_stepped = stepped
-        return {"loss": loss.detach(), "collapse": stats["collapse"]}
+        return {"loss": loss.detach(), "collapse": stats["collapse"], "lr": lr}
 
     trainer = Engine(train_step)
     trainer.state.optimizer_stepped = False
@@ -184,10 +195,25 @@ def create_trainer(
     return trainer
 
 
+def optimizer_steps(iteration: int, epoch_length: int, accumulate_steps: int = 1) -> int:
+    """Optimizer steps taken after ``iteration`` iterations.
+
+    The trainer steps every ``accumulate_steps`` iterations and at the end of each epoch (so no
+    gradient is carried over an epoch boundary or lost at a checkpoint): an epoch of L
+    iterations has ``ceil(L / accumulate_steps)`` steps.
+
+    >>> optimizer_steps(10, 10, 4), optimizer_steps(13, 10, 4)
+    (3, 3)
+    """
+    per_epoch = math.ceil(epoch_length / accumulate_steps)
+    full, rem = divmod(int(iteration), int(epoch_length))
+    return full * per_epoch + rem // accumulate_steps
+
+
 class TargetUpdate:
     """EMA update of BYOL's target network, with BYOL's cosine tau, once per optimizer step.
 
-    At optimizer step k (0-based) of K = max_epochs * epoch_length // accumulate_steps the target
+    At optimizer step k (0-based) of K = max_epochs * ceil(epoch_length / accumulate_steps) the target
     is updated with ``tau = cosine_tau(k, K, base_tau)``: ``base_tau`` at the first step, rising to
     1.0 at the last. Iterations on which the optimizer did not step (gradient accumulation, an
     fp16 step skipped for overflow) leave the target alone. K is read from the engine's state
@@ -214,8 +240,11 @@ class TargetUpdate:
         if not getattr(engine.state, "optimizer_stepped", True):
             return
         accumulate = getattr(engine.state, "accumulate_steps", 1)
-        total = max(1, engine.state.max_epochs * engine.state.epoch_length // accumulate)
-        step = engine.state.iteration // accumulate - 1
+        per_epoch = optimizer_steps(
+            engine.state.epoch_length, engine.state.epoch_length, accumulate
+        )
+        total = max(1, engine.state.max_epochs * per_epoch)
+        step = optimizer_steps(engine.state.iteration, engine.state.epoch_length, accumulate) - 1
         engine.state.tau = cosine_tau(step, total, self.base_tau)
         unwrap(self.model).update_target(engine.state.tau)
 
@@ -231,20 +260,16 @@ class MetricsLogger:
 
     Args:
         path: the CSV file; appended to when it exists (a resumed run), else created with a header.
-        optimizer: read for the learning rate of its first group.
         log_every: iterations between flushes (and host syncs).
         writer: an optional ``torch.utils.tensorboard.SummaryWriter``.
     """
 
     COLUMNS = ("iteration", "epoch", "loss", "tau", "lr", "collapse")
 
-    def __init__(
-        self, path: str | Path, optimizer: torch.optim.Optimizer, log_every: int = 10, writer=None
-    ) -> None:
+    def __init__(self, path: str | Path, log_every: int = 10, writer=None) -> None:
         if log_every < 1:
             raise ValueError(f"invalid log_every {log_every!r}, must be >= 1")
         self.path = Path(path)
-        self.optimizer = optimizer
         self.log_every = log_every
         self.writer = writer
         self._rows: list[tuple] = []
@@ -258,14 +283,7 @@ class MetricsLogger:
 
     def record(self, engine: Engine) -> None:
         out = engine.state.output
-        self._rows.append(
-            (
-                engine.state.iteration,
-                engine.state.epoch,
-                engine.state.tau,
-                self.optimizer.param_groups[0]["lr"],
-            )
-        )
+        self._rows.append((engine.state.iteration, engine.state.epoch, engine.state.tau, out["lr"]))
         self._values.append(torch.stack([out["loss"].float(), out["collapse"].float()]))
 
     def flush(self, engine: Engine) -> None:

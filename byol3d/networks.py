@@ -148,7 +148,11 @@ class HookedEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         captured: list[torch.Tensor] = []
         module = self.net.get_submodule(self.layer)
-        handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        # DataParallel replicas share the hook dict of the original module: keep only this
+        # replica's own output
+        handle = module.register_forward_hook(
+            lambda m, _i, out: captured.append(out) if m is module else None
+        )
         try:
             self.net(x)
         finally:

@@ -19,9 +19,8 @@ Re-running the same command on an OUTPUT_DIR with a checkpoint resumes from its 
 
 from __future__ import annotations
 
+import copy
 import logging
-import os
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from ignite.handlers import Checkpoint, DiskSaver
 from monai.data import DataLoader
 
 from byol3d.byol import BYOL
-from byol3d.config import dump_config, flatten
+from byol3d.config import dump_config
 from byol3d.data import build_dataset, find_images, split_train_val
 from byol3d.engine import (
     MetricsLogger,
@@ -43,38 +42,31 @@ from byol3d.engine import (
     create_evaluator,
     create_trainer,
     every_epochs,
+    optimizer_steps,
     resolve_amp,
     resolve_device,
 )
 from byol3d.errors import CheckpointError, ConfigError
 from byol3d.networks import build_encoder
 from byol3d.optim import build_optimizer, warmup_cosine
+from byol3d.rundir import (
+    ConfigState,
+    apply_schedule,
+    check_finite_weights,
+    config_changes,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_encoder,
+    truncate_log,
+)
 from byol3d.transforms import ct_preprocess, view_transforms
 
 logger = logging.getLogger("byol3d")
 
-__all__ = ["RunResult", "pretrain", "latest_checkpoint", "RESUMABLE_KEYS"]
+__all__ = ["RunResult", "pretrain"]
 
-# Keys that may differ between a run and its resumption: they change how long or how the run
-# is executed, not what it learns.
-RESUMABLE_KEYS = frozenset(
-    {
-        "output_dir",
-        "train.max_epochs",
-        "train.device",
-        "train.progress",
-        "train.log_every",
-        "train.tensorboard",
-        "train.checkpoint_every",
-        "train.keep_checkpoints",
-        "data.num_workers",
-        "data.cache",
-        "data.cache_dir",
-        "data.cache_rate",
-    }
-)
 _PREPROCESS_KEYS = ("roi_size", "hu_window", "pixdim", "crop_foreground", "foreground_hu")
-_CKPT = re.compile(r"checkpoint_(\d+)\.pt$")
 
 
 @dataclass
@@ -88,73 +80,6 @@ class RunResult:
     epochs: int
     iterations: int
     resumed_from: Path | None
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The checkpoint with the highest epoch in ``output_dir/checkpoints``, or None."""
-    folder = Path(output_dir) / "checkpoints"
-    found = [
-        (int(m.group(1)), p) for p in folder.glob("checkpoint_*.pt") if (m := _CKPT.search(p.name))
-    ]
-    return max(found)[1] if found else None
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)``, with a one-line error for missing or broken files."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, pickle of foreign objects, ...
-        raise CheckpointError(
-            f"cannot read checkpoint {str(path)!r} ({type(err).__name__}: {str(err).splitlines()[0]})"
-        ) from err
-
-
-def _config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    a, b = flatten(old), flatten(new)
-    return [
-        f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
-        for k in sorted(set(a) | set(b))
-        if k not in RESUMABLE_KEYS and a.get(k) != b.get(k)
-    ]
-
-
-class _ConfigState:
-    """Lets ignite's Checkpoint store the resolved config next to the weights."""
-
-    def __init__(self, cfg: Mapping[str, Any]) -> None:
-        self.cfg = dict(cfg)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.cfg
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.cfg = dict(state)
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _truncate_log(path: Path, iteration: int) -> None:
-    """Keep the header and the rows of ``path`` (a CSV with an ``iteration`` column) up to ``iteration``."""
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    if not lines:
-        return
-    column = lines[0].rstrip("\n").split(",").index("iteration")
-    kept = [lines[0]] + [
-        line for line in lines[1:] if line.strip() and int(line.split(",")[column]) <= iteration
-    ]
-    if len(kept) < len(lines):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
 
 
 def _tensorboard_writer(enabled: bool, log_dir: Path):
@@ -173,7 +98,7 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
     Args:
         cfg: a validated config from :func:`byol3d.config.load_config`.
         allow_config_change: resume from an existing checkpoint even when keys other than
-            :data:`RESUMABLE_KEYS` changed (otherwise a ConfigError lists them).
+            :data:`byol3d.rundir.RESUMABLE_KEYS` changed (otherwise a ConfigError lists them).
     """
     data_cfg, model_cfg, tf_cfg, train_cfg = (
         cfg[s] for s in ("data", "model", "transforms", "train")
@@ -186,14 +111,16 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
     checkpoint = None
     if resume_from is not None:
         checkpoint = load_checkpoint(resume_from)
-        changes = _config_changes(checkpoint.get("config", {}), cfg)
+        changes = config_changes(checkpoint.get("config", {}), cfg)
         if changes and not allow_config_change:
             raise ConfigError(
                 f"output_dir {str(out)!r} holds a run with another config ({'; '.join(changes)}); "
                 "use a new output_dir, or --allow-config-change to resume it with these values"
             )
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cannot create output_dir {str(out)!r}: {err.strerror or err}") from err
 
     # files -> data -> transforms
     files = find_images(data_cfg["root"], dicom=data_cfg["dicom"])
@@ -209,6 +136,7 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         "cache_dir": data_cfg["cache_dir"] or str(out / "cache"),
         "cache_rate": data_cfg["cache_rate"],
         "num_workers": data_cfg["num_workers"],
+        "progress": train_cfg["progress"],
     }
     logger.info(
         "data: %d volumes under %s (%d train, %d validation)",
@@ -248,17 +176,20 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         in_channels=data_cfg["in_channels"],
         norm=model_cfg["norm"],
     )
-    model = BYOL(
-        encoder,
-        input_shape=(data_cfg["in_channels"], *roi),
-        hidden_layer=model_cfg["hidden_layer"],
-        projection_dim=model_cfg["projection_dim"],
-        hidden_dim=model_cfg["hidden_dim"],
-    ).to(device)
+    try:
+        model = BYOL(
+            encoder,
+            input_shape=(data_cfg["in_channels"], *roi),
+            hidden_layer=model_cfg["hidden_layer"],
+            projection_dim=model_cfg["projection_dim"],
+            hidden_dim=model_cfg["hidden_dim"],
+        ).to(device)
+    except ValueError as err:  # an unknown hidden_layer, a roi_size the encoder cannot take
+        raise ConfigError(f"model.hidden_layer / transforms.roi_size: {err}") from err
 
     # engine
     accumulate = train_cfg["accumulate_steps"]
-    steps_per_epoch = max(1, len(train_loader) // accumulate)
+    steps_per_epoch = optimizer_steps(len(train_loader), len(train_loader), accumulate)
     optimizer = build_optimizer(
         model,
         train_cfg["optimizer"],
@@ -271,7 +202,8 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         total_steps=train_cfg["max_epochs"] * steps_per_epoch,
         min_ratio=train_cfg["min_lr"] / train_cfg["lr"],
     )
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    # a copy: loading a LambdaLR state writes the saved run's schedule into its multiplier object
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, copy.copy(schedule))
     amp_dtype = resolve_amp(train_cfg["amp"], device)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     trainer = create_trainer(
@@ -287,9 +219,9 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
     Reseed(cfg["seed"], [train_views]).attach(trainer)
     TargetUpdate(model, base_tau=train_cfg["base_tau"]).attach(trainer)
     writer = _tensorboard_writer(train_cfg["tensorboard"], out / "tensorboard")
-    MetricsLogger(
-        out / "metrics.csv", optimizer, log_every=train_cfg["log_every"], writer=writer
-    ).attach(trainer)
+    MetricsLogger(out / "metrics.csv", log_every=train_cfg["log_every"], writer=writer).attach(
+        trainer
+    )
     if train_cfg["progress"]:
         from ignite.handlers import ProgressBar
 
@@ -314,24 +246,34 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         "optimizer": optimizer,
         "lr_scheduler": lr_scheduler,
         "trainer": trainer,
-        "config": _ConfigState(cfg),
+        "config": ConfigState(cfg),
     }
     if scaler is not None:
         to_save["scaler"] = scaler
     saver = Checkpoint(
         to_save,
         DiskSaver(ckpt_dir, require_empty=False, atomic=True),
-        n_saved=train_cfg["keep_checkpoints"],
+        n_saved=None,  # pruned below, across resumes too
         global_step_transform=lambda engine, _event: engine.state.epoch,
     )
     save_event = Events.EPOCH_COMPLETED(event_filter=every_epochs(train_cfg["checkpoint_every"]))
-    trainer.add_event_handler(save_event, saver)
     encoder_path = out / "encoder.pt"
     trainer.add_event_handler(
-        save_event, lambda _e: _atomic_save(model.encoder.state_dict(), encoder_path)
+        save_event, lambda _e: check_finite_weights(model, _e.state.iteration)
+    )
+    trainer.add_event_handler(save_event, saver)
+    trainer.add_event_handler(save_event, lambda _e: save_encoder(model.encoder, encoder_path))
+    trainer.add_event_handler(
+        save_event, lambda _e: prune_checkpoints(out, train_cfg["keep_checkpoints"])
     )
 
     if checkpoint is not None:
+        saved_length = checkpoint.get("trainer", {}).get("epoch_length")
+        if saved_length is not None and saved_length != len(train_loader):
+            raise ConfigError(
+                f"the data changed since checkpoint {str(resume_from)!r}: an epoch was {saved_length} "
+                f"iterations, now {len(train_loader)}; use a new output_dir"
+            )
         to_load = {k: v for k, v in to_save.items() if k != "config" and k in checkpoint}
         try:
             Checkpoint.load_objects(to_load, checkpoint)
@@ -339,6 +281,9 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
             raise CheckpointError(
                 f"checkpoint {str(resume_from)!r} does not fit this model: {str(err).splitlines()[0]}"
             ) from err
+        # the saved optimizer and scheduler carry the old lr, decay and schedule length: the
+        # config's values (and a raised max_epochs) take over from the resumed step on
+        apply_schedule(optimizer, lr_scheduler, schedule, train_cfg)
         logger.info(
             "resuming from %s (epoch %d, iteration %d)",
             resume_from,
@@ -347,7 +292,8 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         )
         # rows logged after that checkpoint by the interrupted run are replaced by the resumed ones
         for log in (out / "metrics.csv", out / "epochs.csv"):
-            _truncate_log(log, trainer.state.iteration)
+            truncate_log(log, trainer.state.iteration)
+    (out / "config.yaml").write_text(dump_config(cfg))
     done = trainer.state.epoch >= train_cfg["max_epochs"]
     if done:  # ignite would restart a finished run from scratch: never overwrite it
         logger.info(
@@ -359,7 +305,7 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         trainer.run(train_loader, max_epochs=train_cfg["max_epochs"])
     if writer is not None:
         writer.close()
-    _atomic_save(model.encoder.state_dict(), encoder_path)
+    save_encoder(model.encoder, encoder_path)
     return RunResult(
         output_dir=out,
         encoder_path=encoder_path,

@@ -47,3 +47,17 @@ def test_demo_data_writes_volumes(tmp_path, capsys):
     assert main(["demo-data", str(tmp_path / "demo"), "--n", "3", "--shape", "32", "32", "24"]) == 0
     assert len(list((tmp_path / "demo" / "images").glob("*.nii.gz"))) == 3
     assert main(["demo-data", str(tmp_path / "demo"), "--n", "0"]) == 2
+
+
+def test_options_may_sit_between_overrides(tmp_path, capsys):
+    code = main(
+        [
+            "pretrain",
+            "configs/demo_ct.yaml",
+            "--quiet",
+            "train.max_epoch=1",
+            "--allow-config-change",
+            "seed=1",
+        ]
+    )
+    assert code == 2 and "train.max_epoch'" in capsys.readouterr().err

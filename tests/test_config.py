@@ -88,6 +88,12 @@ def test_unknown_key_in_file_is_named_with_suggestion(tmp_path):
         ("data.val_fraction=1", "data.val_fraction"),
         ("train.device=gpu", "train.device"),
         ("data.dicom=3", "data.dicom"),
+        ("seed=-1", "seed"),
+        ("train.momentum=1", "train.momentum"),
+        ("train.lr=.nan", "train.lr"),
+        ("train.warmup_epochs=.inf", "train.warmup_epochs"),
+        ("transforms.hu_window=[-.inf,.inf]", "transforms.hu_window"),
+        ("output_dir=''", "output_dir"),
     ],
 )
 def test_bad_values_name_the_key(override, match):

@@ -16,8 +16,10 @@ from byol3d.engine import (
     TargetUpdate,
     create_evaluator,
     create_trainer,
+    optimizer_steps,
     resolve_amp,
 )
+from byol3d.rundir import check_finite_weights
 
 
 def tiny_model():
@@ -96,7 +98,7 @@ def test_trainer_output_is_detached_tensors():
     model = tiny_model()
     trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1))
     state = trainer.run(batches(2), max_epochs=1)
-    assert set(state.output) == {"loss", "collapse"}
+    assert set(state.output) == {"loss", "collapse", "lr"}
     assert not state.output["loss"].requires_grad and state.output["loss"].ndim == 0
 
 
@@ -114,7 +116,7 @@ def test_metrics_logger_writes_every_iteration(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     trainer = create_trainer(model, opt)
     TargetUpdate(model, 0.99).attach(trainer)
-    MetricsLogger(tmp_path / "metrics.csv", opt, log_every=4).attach(trainer)
+    MetricsLogger(tmp_path / "metrics.csv", log_every=4).attach(trainer)
     trainer.run(batches(5), max_epochs=2)
     rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
     assert [int(r["iteration"]) for r in rows] == list(range(1, 11))
@@ -128,7 +130,7 @@ def test_non_finite_loss_stops_naming_the_iteration(tmp_path):
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     trainer = create_trainer(model, opt)
-    MetricsLogger(tmp_path / "metrics.csv", opt, log_every=100).attach(trainer)
+    MetricsLogger(tmp_path / "metrics.csv", log_every=100).attach(trainer)
     data = batches(4)
     data[2]["view1"][:] = float("nan")
     with pytest.raises(NonFiniteLossError, match="iteration 3 "):
@@ -183,3 +185,43 @@ def test_bf16_autocast_step_runs_on_cpu():
     )
     state = trainer.run(batches(2), max_epochs=1)
     assert torch.isfinite(state.output["loss"]) and state.output["loss"].dtype == torch.float32
+
+
+def test_accumulation_steps_at_epoch_end_and_tau_counts_real_steps():
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = create_trainer(model, opt, accumulate_steps=2)
+    TargetUpdate(model, base_tau=0.9).attach(trainer)
+    seen = []
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda e: seen.append((e.state.optimizer_stepped, e.state.tau))
+    )
+    trainer.run(batches(5), max_epochs=2)  # steps at iterations 2, 4, 5 of each epoch
+    assert [s for s, _ in seen] == [False, True, False, True, True] * 2
+    taus = [t for s, t in seen if s]
+    assert taus == pytest.approx([cosine_tau(k, 6, 0.9) for k in range(6)])
+    assert (
+        optimizer_steps(5, 5, 2) == 3
+        and optimizer_steps(7, 5, 2) == 4
+        and optimizer_steps(10, 5, 2) == 6
+    )
+
+
+def test_logged_lr_is_the_lr_the_step_used(tmp_path):
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (k + 1))
+    trainer = create_trainer(model, opt, lr_scheduler=sched)
+    MetricsLogger(tmp_path / "m.csv", log_every=1).attach(trainer)
+    trainer.run(batches(3), max_epochs=1)
+    rows = list(csv.DictReader((tmp_path / "m.csv").open()))
+    assert [float(r["lr"]) for r in rows] == pytest.approx([1.0, 0.5, 1 / 3])
+
+
+def test_non_finite_weights_are_never_checkpointed():
+    model = tiny_model()
+    check_finite_weights(model, 1)
+    with torch.no_grad():
+        model.predictor[0].weight[0, 0] = float("inf")
+    with pytest.raises(NonFiniteLossError, match="iteration 7"):
+        check_finite_weights(model, 7)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import math
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from byol3d.config import load_config
 from byol3d.errors import CheckpointError, ConfigError, DataError
 from byol3d.networks import build_encoder
 from byol3d.phantom import write_demo_dataset
-from byol3d.train import latest_checkpoint, pretrain
+from byol3d.rundir import latest_checkpoint
+from byol3d.train import pretrain
 
 TINY = [
     "model.encoder=resnet10",
@@ -22,6 +24,8 @@ TINY = [
     "train.batch_size=2",
     "train.max_epochs=1",
     "train.warmup_epochs=0",
+    "train.lr=1e-3",
+    "train.min_lr=0",
     "train.log_every=2",
     "train.progress=false",
     "train.tensorboard=false",
@@ -105,6 +109,18 @@ def test_raising_max_epochs_trains_on_from_the_checkpoint(phantoms, tmp_path):
     assert second.resumed_from == out / "checkpoints" / "checkpoint_1.pt"
     assert latest_checkpoint(out).name == "checkpoint_2.pt"
     assert weights(out / "checkpoints" / "checkpoint_2.pt")["trainer"]["iteration"] == 4
+    lrs = [float(r["lr"]) for r in csv.DictReader((out / "metrics.csv").open())]
+    # run 1 decayed to min_lr 0 over 2 steps; the resumed run follows the 4-step schedule from step 3
+    assert lrs[1] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 1 / 2)))
+    assert lrs[2] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 4)))
+    assert lrs[3] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
+
+
+def test_keep_checkpoints_prunes_across_resumes(phantoms, tmp_path):
+    out = tmp_path / "run"
+    pretrain(tiny_config(phantoms, out, "train.keep_checkpoints=1"))
+    pretrain(tiny_config(phantoms, out, "train.keep_checkpoints=1", "train.max_epochs=2"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_2.pt"]
 
 
 def test_finished_run_is_not_retrained(phantoms, tmp_path):
