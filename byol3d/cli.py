@@ -113,6 +113,17 @@ def _demo_data(args: argparse.Namespace) -> None:
     )
 
 
+def _one_line(err: Exception) -> str:
+    """The message of ``err``; for one re-raised from a DataLoader worker (which carries the
+    worker's traceback), the original message from its last line."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(err).__name__
+    last = lines[-1]
+    prefix = f"{type(err).__module__}.{type(err).__name__}: "
+    return last[len(prefix) :] if last.startswith(prefix) else last
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``byol3d`` console script; returns the exit status."""
     parser = _parser()
@@ -127,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         {"pretrain": _pretrain, "demo-data": _demo_data}[args.command](args)
     except Byol3dError as err:
-        print(f"byol3d: error: {err}", file=sys.stderr)
+        print(f"byol3d: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("byol3d: interrupted; the checkpoints written so far are kept", file=sys.stderr)

@@ -61,3 +61,36 @@ def test_options_may_sit_between_overrides(tmp_path, capsys):
         ]
     )
     assert code == 2 and "train.max_epoch'" in capsys.readouterr().err
+
+
+def test_error_from_a_dataloader_worker_is_one_line(tmp_path, capsys):
+    import nibabel as nib
+    import numpy as np
+
+    root = tmp_path / "data"
+    root.mkdir()
+    for i in range(3):
+        vol = np.full((40, 40, 40), 100, dtype=np.float32)
+        if i == 1:
+            vol[0, 0, 0] = np.nan
+        nib.save(nib.Nifti1Image(vol, np.eye(4)), str(root / f"ct_{i}.nii.gz"))
+    code = main(
+        [
+            "pretrain",
+            "configs/demo_ct.yaml",
+            f"data.root={root}",
+            f"output_dir={tmp_path / 'run'}",
+            "data.cache=none",
+            "data.num_workers=1",
+            "data.val_fraction=0",
+            "train.progress=false",
+            "model.hidden_dim=16",
+            "model.projection_dim=8",
+            "transforms.roi_size=[32,32,32]",
+            "transforms.pixdim=null",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("byol3d: error: ") and "ct_1.nii.gz" in err[-1]
+    assert not any("Traceback" in line for line in err)
