@@ -171,7 +171,9 @@ OPTIONS: dict[str, Option] = {
     ),
     "train.checkpoint_every": Option(1, (int,), "epochs between checkpoints"),
     "train.keep_checkpoints": Option(
-        3, (int,), "newest checkpoints kept in checkpoints/ (older ones removed once a newer one is written)"
+        3,
+        (int,),
+        "newest checkpoints kept in checkpoints/ (older ones removed once a newer one is written)",
     ),
     "train.progress": Option(True, (bool,), "show a tqdm progress bar"),
     "train.tensorboard": Option(

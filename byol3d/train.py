@@ -122,15 +122,18 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
     except OSError as err:
         raise ConfigError(f"cannot create output_dir {str(out)!r}: {err.strerror or err}") from err
 
-    # files -> data -> transforms
+    # files -> data -> transforms (transforms first: their argument checks are cheap)
+    roi = list(tf_cfg["roi_size"])
+    view_kwargs = {k: v for k, v in tf_cfg.items() if k not in _PREPROCESS_KEYS}
+    try:
+        preprocess = ct_preprocess(
+            in_channels=data_cfg["in_channels"], **{k: tf_cfg[k] for k in _PREPROCESS_KEYS}
+        )
+        train_views = view_transforms(roi_size=roi, **view_kwargs)
+    except ValueError as err:
+        raise ConfigError(f"transforms: {err}") from err
     files = find_images(data_cfg["root"], dicom=data_cfg["dicom"])
     train_files, val_files = split_train_val(files, data_cfg["val_fraction"], seed=cfg["seed"])
-    roi = list(tf_cfg["roi_size"])
-    preprocess = ct_preprocess(
-        in_channels=data_cfg["in_channels"], **{k: tf_cfg[k] for k in _PREPROCESS_KEYS}
-    )
-    view_kwargs = {k: v for k, v in tf_cfg.items() if k not in _PREPROCESS_KEYS}
-    train_views = view_transforms(roi_size=roi, **view_kwargs)
     dataset_kwargs = {
         "cache": data_cfg["cache"],
         "cache_dir": data_cfg["cache_dir"] or str(out / "cache"),

@@ -145,3 +145,14 @@ def test_mlp_is_the_paper_head():
     assert head[0].in_features == 512 and head[0].out_features == 64 and head[3].out_features == 16
     with pytest.raises(ValueError, match="hidden_dim"):
         MLP(512, 0, 16)
+
+
+def test_resnet50_3d_costs_81_gflop_per_128_cube_volume():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        enc = build_encoder("resnet50", spatial_dims=3).eval()
+        x = torch.zeros(1, 1, 128, 128, 128)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        enc(x)
+    assert counter.get_total_flops() / 1e9 == pytest.approx(81.07, abs=0.05)

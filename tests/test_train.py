@@ -161,3 +161,16 @@ def test_missing_data_root_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty"):
         pretrain(tiny_config(tmp_path / "empty", tmp_path / "run"))
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("transforms.foreground_hu=-2000", "foreground_hu"),
+        ("transforms.roi_size=[32,48,32]", "roi_size"),
+        ("model.hidden_layer=layer5", "layer5"),
+    ],
+)
+def test_inconsistent_settings_are_config_errors(phantoms, tmp_path, override, match):
+    with pytest.raises(ConfigError, match=match):
+        pretrain(tiny_config(phantoms, tmp_path / "run", override))
