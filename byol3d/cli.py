@@ -69,10 +69,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _setup_logging(quiet: bool) -> None:
     log = logging.getLogger("byol3d")
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("byol3d: %(message)s"))
-        log.addHandler(handler)
+    for old in [h for h in log.handlers if getattr(h, "_byol3d_cli", False)]:
+        log.removeHandler(old)  # a handler of an earlier main() call may hold a closed stream
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("byol3d: %(message)s"))
+    handler._byol3d_cli = True
+    log.addHandler(handler)
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     log.propagate = False
     # ignite logs every exception that ends a run; byol3d reports it in one line itself

@@ -132,6 +132,26 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         train_views = view_transforms(roi_size=roi, **view_kwargs)
     except ValueError as err:
         raise ConfigError(f"transforms: {err}") from err
+    # encoder -> BYOL (before the data: a bad layer name or crop size fails in seconds, not after caching)
+    device = resolve_device(train_cfg["device"])
+    torch.manual_seed(cfg["seed"])
+    encoder = build_encoder(
+        model_cfg["encoder"],
+        spatial_dims=data_cfg["spatial_dims"],
+        in_channels=data_cfg["in_channels"],
+        norm=model_cfg["norm"],
+    ).to(device)
+    try:
+        model = BYOL(
+            encoder,
+            input_shape=(data_cfg["in_channels"], *roi),
+            hidden_layer=model_cfg["hidden_layer"],
+            projection_dim=model_cfg["projection_dim"],
+            hidden_dim=model_cfg["hidden_dim"],
+        )
+    except ValueError as err:  # an unknown hidden_layer, a roi_size the encoder cannot take
+        raise ConfigError(f"model.hidden_layer / transforms.roi_size: {err}") from err
+
     files = find_images(data_cfg["root"], dicom=data_cfg["dicom"])
     train_files, val_files = split_train_val(files, data_cfg["val_fraction"], seed=cfg["seed"])
     dataset_kwargs = {
@@ -149,7 +169,6 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         len(val_files),
     )
     train_ds = build_dataset(train_files, preprocess, train_views, **dataset_kwargs)
-    device = resolve_device(train_cfg["device"])
     batch_size = train_cfg["batch_size"]
     loader_kwargs = {"num_workers": data_cfg["num_workers"], "pin_memory": device.type == "cuda"}
     train_loader = DataLoader(
@@ -170,25 +189,6 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         val_views = view_transforms(roi_size=roi, **view_kwargs)
         val_ds = build_dataset(val_files, preprocess, val_views, **dataset_kwargs)
         val_loader = DataLoader(val_ds, batch_size=batch_size, shuffle=False, **loader_kwargs)
-
-    # encoder -> BYOL
-    torch.manual_seed(cfg["seed"])
-    encoder = build_encoder(
-        model_cfg["encoder"],
-        spatial_dims=data_cfg["spatial_dims"],
-        in_channels=data_cfg["in_channels"],
-        norm=model_cfg["norm"],
-    )
-    try:
-        model = BYOL(
-            encoder,
-            input_shape=(data_cfg["in_channels"], *roi),
-            hidden_layer=model_cfg["hidden_layer"],
-            projection_dim=model_cfg["projection_dim"],
-            hidden_dim=model_cfg["hidden_dim"],
-        ).to(device)
-    except ValueError as err:  # an unknown hidden_layer, a roi_size the encoder cannot take
-        raise ConfigError(f"model.hidden_layer / transforms.roi_size: {err}") from err
 
     # engine
     accumulate = train_cfg["accumulate_steps"]
