@@ -41,6 +41,13 @@ def _parser() -> argparse.ArgumentParser:
         help="resume a run in OUTPUT_DIR even if its config differs",
     )
     p.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        metavar="N",
+        help="spawn N processes on this machine (DDP through ignite.distributed; gloo on CPU)",
+    )
 
     d = sub.add_parser(
         "demo-data", help="write synthetic CT phantoms with organ labels and class labels"
@@ -83,17 +90,51 @@ def _setup_logging(quiet: bool) -> None:
 
 def _pretrain(args: argparse.Namespace) -> None:
     from byol3d.config import load_config
+    from byol3d.distributed import launch, wants_distributed
     from byol3d.train import pretrain
 
     cfg = load_config(args.config, args.overrides)
-    result = pretrain(cfg, allow_config_change=args.allow_config_change)
+    if not wants_distributed(args.nproc_per_node):
+        _report(pretrain(cfg, allow_config_change=args.allow_config_change))
+        return
+    backend = "gloo" if cfg["train"]["device"] == "cpu" else None
+    try:
+        launch(
+            _rank_pretrain,
+            cfg,
+            args.allow_config_change,
+            args.quiet,
+            nproc_per_node=args.nproc_per_node,
+            backend=backend,
+        )
+    except Exception as err:  # a spawned rank exited with the status of its own error line
+        if "exit code 2" in str(err) or "exit code 130" in str(err):
+            raise SystemExit(2) from None
+        raise
+
+
+def _rank_pretrain(_local_rank: int, cfg: dict, allow_config_change: bool, quiet: bool) -> None:
+    from byol3d.distributed import is_main
+    from byol3d.train import pretrain
+
+    _setup_logging(quiet)  # spawned processes start with fresh logging
+    try:
+        result = pretrain(cfg, allow_config_change=allow_config_change)
+    except Byol3dError as err:
+        if is_main():
+            print(f"byol3d: error: {_one_line(err)}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if is_main():
+        _report(result)
+
+
+def _report(result) -> None:
     print(
         f"byol3d: trained {result.epochs} epochs ({result.iterations} iterations) in {result.output_dir}"
     )
     print(f"  encoder:     {result.encoder_path}")
-    print(
-        f"  checkpoints: {result.output_dir / 'checkpoints'} (latest: {result.checkpoint.name if result.checkpoint else 'none'})"
-    )
+    latest = result.checkpoint.name if result.checkpoint else "none"
+    print(f"  checkpoints: {result.output_dir / 'checkpoints'} (latest: {latest})")
     print(f"  metrics:     {result.metrics_path}, {result.output_dir / 'epochs.csv'}")
 
 
@@ -142,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Byol3dError as err:
         print(f"byol3d: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
     except KeyboardInterrupt:
         print("byol3d: interrupted; the checkpoints written so far are kept", file=sys.stderr)
         return 130

@@ -163,6 +163,9 @@ OPTIONS: dict[str, Option] = {
         ("auto", "bf16", "fp16", "none"),
     ),
     "train.device": Option("auto", (str,), "auto (cuda if available), cpu, cuda, cuda:N"),
+    "train.sync_bn": Option(
+        True, (bool,), "under DDP: batch-norm statistics over the global batch (SyncBatchNorm)"
+    ),
     "train.grad_clip": Option(
         None, (int, float, type(None)), "clip the gradient norm to this value (null: off)"
     ),

@@ -26,6 +26,7 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
@@ -289,18 +290,22 @@ class MetricsLogger:
     def flush(self, engine: Engine) -> None:
         if not self._rows:
             return
-        values = torch.stack(self._values).cpu().tolist()
+        values = torch.stack(self._values)
+        if idist.get_world_size() > 1:  # every rank logs (and judges NaN on) the same mean values
+            values = idist.all_reduce(values) / idist.get_world_size()
+        values = values.cpu().tolist()
         rows = [
             (it, ep, loss, tau, lr, col)
             for (it, ep, tau, lr), (loss, col) in zip(self._rows, values)
         ]
         self._rows, self._values = [], []
-        new = not self.path.exists() or self.path.stat().st_size == 0
-        with self.path.open("a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(self.COLUMNS)
-            writer.writerows(rows)
+        if idist.get_rank() == 0:
+            new = not self.path.exists() or self.path.stat().st_size == 0
+            with self.path.open("a", newline="") as f:
+                writer = csv.writer(f)
+                if new:
+                    writer.writerow(self.COLUMNS)
+                writer.writerows(rows)
         if self.writer is not None:
             for it, _ep, loss, tau, lr, col in rows:
                 for name, value in (("loss", loss), ("tau", tau), ("lr", lr), ("collapse", col)):
@@ -345,7 +350,7 @@ def create_evaluator(
 
 
 class Reseed:
-    """At each epoch start, seed python, numpy, torch and the given transforms from (seed, epoch).
+    """At each epoch start, seed python, numpy, torch and the given transforms from (seed, epoch, rank).
 
     DataLoader workers derive their seeds from torch's generator, and in-process MONAI
     transforms are re-seeded through ``set_random_state``, so epoch e draws the same order and
@@ -361,7 +366,9 @@ class Reseed:
         self.transforms = list(transforms)
 
     def epoch_seed(self, epoch: int) -> int:
-        return int(np.random.SeedSequence([self.seed, int(epoch)]).generate_state(1)[0] % (2**31))
+        # the rank enters the seed: under DDP each process augments its own samples differently
+        entropy = [self.seed, int(epoch), idist.get_rank()]
+        return int(np.random.SeedSequence(entropy).generate_state(1)[0] % (2**31))
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self)

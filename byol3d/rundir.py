@@ -30,6 +30,7 @@ __all__ = [
     "apply_schedule",
     "atomic_save",
     "check_finite_weights",
+    "check_ranks_agree",
     "config_changes",
     "latest_checkpoint",
     "load_checkpoint",
@@ -174,3 +175,23 @@ def apply_schedule(
         if "momentum" in group:
             group["momentum"] = train_cfg["momentum"]
     lr_scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def check_ranks_agree(model: nn.Module) -> None:
+    """Under DDP: every rank must hold the same weights, online and target (one all-gather).
+
+    DDP averages gradients, so the online networks agree, and each rank applies the same EMA,
+    so the targets do too; this checks it at the end of a run.
+    """
+    import ignite.distributed as idist
+
+    params = [p.detach().double() for p in model.parameters()]
+    local = torch.stack(
+        [
+            torch.stack([p.sum() for p in params]).sum(),
+            torch.stack([(p * p).sum() for p in params]).sum(),
+        ]
+    )
+    gathered = idist.all_gather(local.to(idist.device())).view(-1, 2).cpu()
+    if not torch.allclose(gathered, gathered[:1].expand_as(gathered), rtol=1e-9, atol=0):
+        raise RuntimeError(f"ranks ended with different weights: checksums {gathered.tolist()}")

@@ -19,6 +19,7 @@ Re-running the same command on an OUTPUT_DIR with a checkpoint resumes from its 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -27,14 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
-from monai.data import DataLoader
+from torch.utils.data import DistributedSampler
 
 from byol3d.byol import BYOL
 from byol3d.config import dump_config
 from byol3d.data import build_dataset, find_images, split_train_val
+from byol3d.distributed import is_main, make_loader, world_size, wrap_model
 from byol3d.engine import (
     MetricsLogger,
     Reseed,
@@ -45,6 +48,7 @@ from byol3d.engine import (
     optimizer_steps,
     resolve_amp,
     resolve_device,
+    unwrap,
 )
 from byol3d.errors import CheckpointError, ConfigError
 from byol3d.networks import build_encoder
@@ -53,6 +57,7 @@ from byol3d.rundir import (
     ConfigState,
     apply_schedule,
     check_finite_weights,
+    check_ranks_agree,
     config_changes,
     latest_checkpoint,
     load_checkpoint,
@@ -134,6 +139,10 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         raise ConfigError(f"transforms: {err}") from err
     # encoder -> BYOL (before the data: a bad layer name or crop size fails in seconds, not after caching)
     device = resolve_device(train_cfg["device"])
+    if world_size() > 1 and device.type == "cuda":
+        device = idist.device()  # this process's GPU
+    if not is_main():
+        logger.setLevel(logging.WARNING)  # rank 0 speaks for the run
     torch.manual_seed(cfg["seed"])
     encoder = build_encoder(
         model_cfg["encoder"],
@@ -151,6 +160,12 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         )
     except ValueError as err:  # an unknown hidden_layer, a roi_size the encoder cannot take
         raise ConfigError(f"model.hidden_layer / transforms.roi_size: {err}") from err
+    # DDP (when distributed) before the optimizer: SyncBatchNorm replaces modules
+    model = wrap_model(
+        model,
+        sync_bn=train_cfg["sync_bn"] and device.type == "cuda",  # SyncBatchNorm is GPU-only
+        find_unused_parameters=model_cfg["hidden_layer"] != "avgpool",
+    )
 
     files = find_images(data_cfg["root"], dicom=data_cfg["dicom"])
     train_files, val_files = split_train_val(files, data_cfg["val_fraction"], seed=cfg["seed"])
@@ -168,15 +183,18 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         len(train_files),
         len(val_files),
     )
-    train_ds = build_dataset(train_files, preprocess, train_views, **dataset_kwargs)
+    # a persistent cache is written by rank 0 first, then read by the others (MONAI#2374)
+    with idist.one_rank_first() if data_cfg["cache"] == "persistent" else contextlib.nullcontext():
+        train_ds = build_dataset(train_files, preprocess, train_views, **dataset_kwargs)
     batch_size = train_cfg["batch_size"]
-    loader_kwargs = {"num_workers": data_cfg["num_workers"], "pin_memory": device.type == "cuda"}
-    train_loader = DataLoader(
-        train_ds,
-        batch_size=batch_size,
-        shuffle=True,
-        drop_last=len(train_ds) >= batch_size,
-        **loader_kwargs,
+    loader_kwargs = {
+        "num_workers": data_cfg["num_workers"],
+        "pin_memory": device.type == "cuda",
+        "seed": cfg["seed"],
+    }
+    drop_last = len(train_ds) >= batch_size * world_size()
+    train_loader = make_loader(
+        train_ds, batch_size, shuffle=True, drop_last=drop_last, **loader_kwargs
     )
     if len(train_ds) < batch_size:
         logger.warning(
@@ -187,8 +205,15 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
     val_loader, val_views = None, None
     if val_files:
         val_views = view_transforms(roi_size=roi, **view_kwargs)
-        val_ds = build_dataset(val_files, preprocess, val_views, **dataset_kwargs)
-        val_loader = DataLoader(val_ds, batch_size=batch_size, shuffle=False, **loader_kwargs)
+        with (
+            idist.one_rank_first()
+            if data_cfg["cache"] == "persistent"
+            else contextlib.nullcontext()
+        ):
+            val_ds = build_dataset(val_files, preprocess, val_views, **dataset_kwargs)
+        val_loader = make_loader(
+            val_ds, batch_size, shuffle=False, drop_last=False, **loader_kwargs
+        )
 
     # engine
     accumulate = train_cfg["accumulate_steps"]
@@ -220,12 +245,16 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         grad_clip=train_cfg["grad_clip"],
     )
     Reseed(cfg["seed"], [train_views]).attach(trainer)
+    if isinstance(getattr(train_loader, "sampler", None), DistributedSampler):
+        trainer.add_event_handler(
+            Events.EPOCH_STARTED, lambda e: train_loader.sampler.set_epoch(e.state.epoch)
+        )
     TargetUpdate(model, base_tau=train_cfg["base_tau"]).attach(trainer)
-    writer = _tensorboard_writer(train_cfg["tensorboard"], out / "tensorboard")
+    writer = _tensorboard_writer(train_cfg["tensorboard"] and is_main(), out / "tensorboard")
     MetricsLogger(out / "metrics.csv", log_every=train_cfg["log_every"], writer=writer).attach(
         trainer
     )
-    if train_cfg["progress"]:
+    if train_cfg["progress"] and is_main():
         from ignite.handlers import ProgressBar
 
         trainer.add_event_handler(
@@ -255,7 +284,7 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         to_save["scaler"] = scaler
     saver = Checkpoint(
         to_save,
-        DiskSaver(ckpt_dir, require_empty=False, atomic=True),
+        DiskSaver(ckpt_dir, require_empty=False, atomic=True, save_on_rank=0),
         n_saved=None,  # pruned below, across resumes too
         global_step_transform=lambda engine, _event: engine.state.epoch,
     )
@@ -265,10 +294,13 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         save_event, lambda _e: check_finite_weights(model, _e.state.iteration)
     )
     trainer.add_event_handler(save_event, saver)
-    trainer.add_event_handler(save_event, lambda _e: save_encoder(model.encoder, encoder_path))
-    trainer.add_event_handler(
-        save_event, lambda _e: prune_checkpoints(out, train_cfg["keep_checkpoints"])
-    )
+    if is_main():
+        trainer.add_event_handler(
+            save_event, lambda _e: save_encoder(unwrap(model).encoder, encoder_path)
+        )
+        trainer.add_event_handler(
+            save_event, lambda _e: prune_checkpoints(out, train_cfg["keep_checkpoints"])
+        )
 
     if checkpoint is not None:
         saved_length = checkpoint.get("trainer", {}).get("epoch_length")
@@ -294,9 +326,11 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
             trainer.state.iteration,
         )
         # rows logged after that checkpoint by the interrupted run are replaced by the resumed ones
-        for log in (out / "metrics.csv", out / "epochs.csv"):
-            truncate_log(log, trainer.state.iteration)
-    (out / "config.yaml").write_text(dump_config(cfg))
+        if is_main():
+            for log in (out / "metrics.csv", out / "epochs.csv"):
+                truncate_log(log, trainer.state.iteration)
+    if is_main():
+        (out / "config.yaml").write_text(dump_config(cfg))
     done = trainer.state.epoch >= train_cfg["max_epochs"]
     if done:  # ignite would restart a finished run from scratch: never overwrite it
         logger.info(
@@ -308,7 +342,10 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         trainer.run(train_loader, max_epochs=train_cfg["max_epochs"])
     if writer is not None:
         writer.close()
-    save_encoder(model.encoder, encoder_path)
+    if world_size() > 1:
+        check_ranks_agree(model)
+    if is_main():
+        save_encoder(unwrap(model).encoder, encoder_path)
     return RunResult(
         output_dir=out,
         encoder_path=encoder_path,
@@ -339,8 +376,13 @@ def _attach_epoch_log(
 
     def log_epoch(engine: Engine) -> None:
         train_loss = (
-            torch.stack(state["losses"]).float().mean().item() if state["losses"] else float("nan")
+            torch.stack(state["losses"]).float().mean()
+            if state["losses"]
+            else torch.tensor(float("nan"))
         )
+        if world_size() > 1:
+            train_loss = idist.all_reduce(train_loss) / world_size()
+        train_loss = train_loss.item()
         val_loss = float("nan")
         if evaluator is not None:
             # the same augmentations every epoch, so validation losses are comparable
@@ -350,13 +392,14 @@ def _attach_epoch_log(
             val_loss = evaluator.run(val_loader).metrics["loss"]
             torch.random.set_rng_state(torch_state)
         seconds = time.perf_counter() - state["start"]
-        new = not path.exists()
-        with path.open("a") as f:
-            if new:
-                f.write("epoch,iteration,train_loss,val_loss,seconds\n")
-            f.write(
-                f"{engine.state.epoch},{engine.state.iteration},{train_loss:.6f},{val_loss:.6f},{seconds:.2f}\n"
-            )
+        if is_main():
+            new = not path.exists()
+            with path.open("a") as f:
+                if new:
+                    f.write("epoch,iteration,train_loss,val_loss,seconds\n")
+                f.write(
+                    f"{engine.state.epoch},{engine.state.iteration},{train_loss:.6f},{val_loss:.6f},{seconds:.2f}\n"
+                )
         engine.state.metrics.update({"train_loss": train_loss, "val_loss": val_loss})
         if writer is not None:
             writer.add_scalar("epoch/train_loss", train_loss, engine.state.iteration)
