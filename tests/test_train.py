@@ -27,6 +27,7 @@ TINY = [
     "train.lr=1e-3",
     "train.min_lr=0",
     "train.log_every=2",
+    "train.checkpoint_every=1",
     "train.progress=false",
     "train.tensorboard=false",
     "train.device=cpu",
@@ -174,3 +175,41 @@ def test_missing_data_root_is_a_clear_error(tmp_path):
 def test_inconsistent_settings_are_config_errors(phantoms, tmp_path, override, match):
     with pytest.raises(ConfigError, match=match):
         pretrain(tiny_config(phantoms, tmp_path / "run", override))
+
+
+def test_sigkill_after_a_checkpoint_then_resume_gives_identical_weights(phantoms, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [f"{k}" for k in TINY if not k.startswith("train.max_epochs")] + [
+        f"data.root={phantoms}",
+        "train.max_epochs=6",
+    ]
+    cmd = [sys.executable, "-m", "byol3d", "pretrain", "configs/demo_ct.yaml", *args]
+    straight = subprocess.run(
+        [*cmd, f"output_dir={tmp_path / 'straight'}"], capture_output=True, text=True
+    )
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*cmd, f"output_dir={out}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "checkpoint_1.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "checkpoints" / "checkpoint_6.pt").exists()  # killed before the end
+    resumed = subprocess.run([*cmd, f"output_dir={out}"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = weights(tmp_path / "straight" / "checkpoints" / "checkpoint_6.pt")["model"]
+    b = weights(out / "checkpoints" / "checkpoint_6.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (
+        weights(out / "encoder.pt").keys() == weights(tmp_path / "straight" / "encoder.pt").keys()
+    )
