@@ -27,6 +27,7 @@ demo-data: install
 
 # A short CPU pretraining run on synthetic CT phantoms (about five minutes on 2 cores).
 demo: demo-data
+	$(BIN)/byol3d preview configs/demo_ct.yaml data.root=$(DEMO_DATA)/images --output $(DEMO_RUN)/views.png
 	$(BIN)/byol3d pretrain configs/demo_ct.yaml data.root=$(DEMO_DATA)/images output_dir=$(DEMO_RUN) $(ARGS)
 
 test: install

@@ -2,6 +2,8 @@
 
     byol3d pretrain CONFIG [KEY=VALUE ...]     pretrain (or resume) as configured
     byol3d demo-data OUT_DIR [--n 16]          write synthetic CT phantoms (NIfTI, HU)
+    byol3d preview CONFIG [KEY=VALUE ...]      the two augmented views of a few volumes (PNG)
+    byol3d plot RUN_DIR                        training.png and summary.json of a run
 
 Errors caused by input (config keys, data, checkpoints) print one line,
 ``byol3d: error: ...``, and exit with status 2.
@@ -71,6 +73,16 @@ def _parser() -> argparse.ArgumentParser:
         help="mm (default 4 4 5)",
     )
     d.add_argument("--seed", type=int, default=0)
+    v = sub.add_parser("preview", help="draw the two augmented views of a few volumes (PNG)")
+    v.add_argument("config", help="YAML config, as for pretrain")
+    v.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
+    v.add_argument("--n", type=int, default=4, help="number of volumes (default 4)")
+    v.add_argument("--output", default="views.png", help="PNG path (default views.png)")
+    v.add_argument("--seed", type=int, default=0, help="random state of the augmentations")
+
+    pl = sub.add_parser("plot", help="training.png and summary.json of a run (also while it runs)")
+    pl.add_argument("run_dir", help="the run's output_dir")
+    pl.add_argument("--output", default=None, help="PNG path (default RUN_DIR/training.png)")
     return parser
 
 
@@ -138,6 +150,26 @@ def _report(result) -> None:
     print(f"  metrics:     {result.metrics_path}, {result.output_dir / 'epochs.csv'}")
 
 
+def _preview(args: argparse.Namespace) -> None:
+    from byol3d.config import load_config
+    from byol3d.preview import preview_views
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        path = preview_views(cfg, n=args.n, output=args.output, seed=args.seed)
+    except ValueError as err:  # --n < 1
+        raise Byol3dError(str(err)) from err
+    print(f"byol3d: wrote a preview of the augmented views to {path}")
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from byol3d.plots import format_summary, plot_training, summarize_run
+
+    path = plot_training(args.run_dir, output=args.output)
+    print(format_summary(summarize_run(args.run_dir)))
+    print(f"  plot:        {path}")
+
+
 def _demo_data(args: argparse.Namespace) -> None:
     from byol3d.phantom import write_demo_dataset
 
@@ -172,14 +204,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     # options may come between the KEY=VALUE overrides: collect the overrides argparse left over
     args, extra = parser.parse_known_args(argv)
-    unknown = [x for x in extra if x.startswith("-") or args.command != "pretrain"]
+    unknown = [x for x in extra if x.startswith("-") or args.command not in ("pretrain", "preview")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
     _setup_logging(getattr(args, "quiet", False))
     try:
-        {"pretrain": _pretrain, "demo-data": _demo_data}[args.command](args)
+        commands = {
+            "pretrain": _pretrain,
+            "demo-data": _demo_data,
+            "preview": _preview,
+            "plot": _plot,
+        }
+        commands[args.command](args)
     except Byol3dError as err:
         print(f"byol3d: error: {_one_line(err)}", file=sys.stderr)
         return 2

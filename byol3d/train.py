@@ -346,6 +346,7 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         check_ranks_agree(model)
     if is_main():
         save_encoder(unwrap(model).encoder, encoder_path)
+        _plot_and_summarize(out)
     return RunResult(
         output_dir=out,
         encoder_path=encoder_path,
@@ -355,6 +356,17 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         iterations=trainer.state.iteration,
         resumed_from=resume_from,
     )
+
+
+def _plot_and_summarize(out: Path) -> None:
+    """training.png and summary.json at the end of a run; a picture never fails the run."""
+    from byol3d.plots import format_summary, plot_training, summarize_run
+
+    try:
+        png = plot_training(out)
+        logger.info("%s\n  plot:        %s", format_summary(summarize_run(out)), png)
+    except Exception as err:  # noqa: BLE001 - e.g. a finished run that logged nothing new
+        logger.warning("no training plot: %s", err)
 
 
 def _attach_epoch_log(
