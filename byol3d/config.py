@@ -178,6 +178,9 @@ OPTIONS: dict[str, Option] = {
         (int,),
         "newest checkpoints kept in checkpoints/ (older ones removed once a newer one is written)",
     ),
+    "train.tensorboard_views_every": Option(
+        500, (int,), "iterations between view previews in TensorBoard (0: never)"
+    ),
     "train.progress": Option(True, (bool,), "show a tqdm progress bar"),
     "train.tensorboard": Option(
         True, (bool,), "write TensorBoard scalars when tensorboard is installed"
@@ -395,7 +398,12 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
         raise _fail("train.momentum", flat["train.momentum"], "in [0, 1)")
     if not flat["output_dir"].strip():
         raise _fail("output_dir", flat["output_dir"], "a folder name")
-    for key in ("train.weight_decay", "train.warmup_epochs", "data.num_workers"):
+    for key in (
+        "train.weight_decay",
+        "train.warmup_epochs",
+        "data.num_workers",
+        "train.tensorboard_views_every",
+    ):
         if flat[key] < 0:
             raise _fail(key, flat[key], ">= 0")
     for key in (

@@ -49,6 +49,7 @@ RESUMABLE_KEYS = frozenset(
         "train.progress",
         "train.log_every",
         "train.tensorboard",
+        "train.tensorboard_views_every",
         "train.checkpoint_every",
         "train.keep_checkpoints",
         "data.num_workers",

@@ -254,6 +254,12 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
     MetricsLogger(out / "metrics.csv", log_every=train_cfg["log_every"], writer=writer).attach(
         trainer
     )
+    views_every = train_cfg["tensorboard_views_every"]
+    if writer is not None and views_every > 0:
+        trainer.add_event_handler(
+            Events.ITERATION_COMPLETED(every=views_every),
+            lambda e: _views_to_tensorboard(writer, cfg, e),
+        )
     if train_cfg["progress"] and is_main():
         from ignite.handlers import ProgressBar
 
@@ -356,6 +362,18 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         iterations=trainer.state.iteration,
         resumed_from=resume_from,
     )
+
+
+def _views_to_tensorboard(writer, cfg: Mapping[str, Any], engine: Engine) -> None:
+    """Two volumes' augmented views as a TensorBoard image (a picture never fails the run)."""
+    from byol3d.preview import views_figure
+
+    try:
+        writer.add_figure(
+            "views", views_figure(cfg, n=2, seed=engine.state.iteration), engine.state.iteration
+        )
+    except Exception as err:  # noqa: BLE001
+        logger.warning("no view preview for TensorBoard: %s", err)
 
 
 def _plot_and_summarize(out: Path) -> None:

@@ -213,3 +213,39 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_identical_weights(phantoms
     assert (
         weights(out / "encoder.pt").keys() == weights(tmp_path / "straight" / "encoder.pt").keys()
     )
+
+
+def test_tensorboard_gets_scalars_and_view_images_when_installed(phantoms, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    pretrain(
+        tiny_config(phantoms, out, "train.tensorboard=true", "train.tensorboard_views_every=2")
+    )
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert {"train/loss", "train/tau", "train/lr", "train/collapse"} <= set(
+        events.Tags()["scalars"]
+    )
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+    assert "views" in events.Tags()["images"]
+
+
+def test_checkpoint_of_another_architecture_is_refused_by_name(phantoms, tmp_path):
+    out = tmp_path / "run"
+    pretrain(tiny_config(phantoms, out))
+    with pytest.raises(ConfigError, match="model.encoder: 'resnet10' -> 'resnet18'"):
+        pretrain(tiny_config(phantoms, out, "model.encoder=resnet18", "train.max_epochs=2"))
+    with pytest.raises(CheckpointError, match="checkpoint_1.pt.*does not fit"):
+        pretrain(
+            tiny_config(phantoms, out, "model.encoder=resnet18", "train.max_epochs=2"),
+            allow_config_change=True,
+        )
+    assert latest_checkpoint(out).name == "checkpoint_1.pt"  # nothing lost
+
+
+def test_missing_checkpoint_file_is_a_clear_error(tmp_path):
+    from byol3d.rundir import load_checkpoint
+
+    with pytest.raises(CheckpointError, match="nope.pt.*does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
