@@ -382,7 +382,8 @@ def _plot_and_summarize(out: Path) -> None:
 
     try:
         png = plot_training(out)
-        logger.info("%s\n  plot:        %s", format_summary(summarize_run(out)), png)
+        text = format_summary(summarize_run(out)).removeprefix("byol3d: ")  # the logger adds it
+        logger.info("%s\n  plot:        %s", text, png)
     except Exception as err:  # noqa: BLE001 - e.g. a finished run that logged nothing new
         logger.warning("no training plot: %s", err)
 
