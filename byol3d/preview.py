@@ -47,7 +47,6 @@ __all__ = ["PLANES", "display_slice", "draw_views", "preview_views", "view_panel
 #: The three planes of a 3D view, in column order.
 PLANES = ("axial", "coronal", "sagittal")
 
-_PREPROCESS_KEYS = ("roi_size", "hu_window", "pixdim", "crop_foreground", "foreground_hu")
 _PANEL_INCHES = 2.2
 
 
@@ -229,7 +228,7 @@ def views_figure(cfg: Mapping[str, Any], n: int = 4, seed: int = 0):
     """
     from byol3d.data import find_images
     from byol3d.errors import ConfigError
-    from byol3d.transforms import ct_preprocess, view_transforms
+    from byol3d.train import build_transforms
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
@@ -237,15 +236,7 @@ def views_figure(cfg: Mapping[str, Any], n: int = 4, seed: int = 0):
     if not data_cfg.get("root"):
         raise ConfigError("data.root is not set: give the data folder, e.g. data.root=/data/ct")
     roi = list(tf_cfg["roi_size"])
-    try:
-        preprocess = ct_preprocess(
-            in_channels=data_cfg["in_channels"], **{k: tf_cfg[k] for k in _PREPROCESS_KEYS}
-        )
-        views = view_transforms(
-            roi_size=roi, **{k: v for k, v in tf_cfg.items() if k not in _PREPROCESS_KEYS}
-        )
-    except ValueError as err:
-        raise ConfigError(f"transforms: {err}") from err
+    preprocess, views = build_transforms(cfg)  # exactly as byol3d pretrain builds them
     views.set_random_state(seed=seed)
     torch_state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # for any transform drawing from torch's generator

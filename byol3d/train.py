@@ -97,6 +97,30 @@ def _tensorboard_writer(enabled: bool, log_dir: Path):
     return SummaryWriter(log_dir=str(log_dir))
 
 
+def build_transforms(cfg: Mapping[str, Any]):
+    """The config's deterministic preprocessing and (freshly constructed) two-view transforms.
+
+    ``transforms.roi_size/hu_window/pixdim/crop_foreground/foreground_hu`` and
+    ``data.in_channels`` go to :func:`byol3d.transforms.ct_preprocess`; ``roi_size`` and the
+    other ``transforms.*`` keys to :func:`byol3d.transforms.view_transforms`.
+
+    Raises:
+        ConfigError: settings the transforms reject (e.g. a threshold outside the HU window).
+    """
+    tf_cfg = cfg["transforms"]
+    try:
+        preprocess = ct_preprocess(
+            in_channels=cfg["data"]["in_channels"], **{k: tf_cfg[k] for k in _PREPROCESS_KEYS}
+        )
+        views = view_transforms(
+            roi_size=list(tf_cfg["roi_size"]),
+            **{k: v for k, v in tf_cfg.items() if k not in _PREPROCESS_KEYS},
+        )
+    except ValueError as err:
+        raise ConfigError(f"transforms: {err}") from err
+    return preprocess, views
+
+
 def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunResult:
     """Run (or resume) BYOL pretraining as configured; see the module docstring for the outputs.
 
@@ -129,14 +153,7 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
 
     # files -> data -> transforms (transforms first: their argument checks are cheap)
     roi = list(tf_cfg["roi_size"])
-    view_kwargs = {k: v for k, v in tf_cfg.items() if k not in _PREPROCESS_KEYS}
-    try:
-        preprocess = ct_preprocess(
-            in_channels=data_cfg["in_channels"], **{k: tf_cfg[k] for k in _PREPROCESS_KEYS}
-        )
-        train_views = view_transforms(roi_size=roi, **view_kwargs)
-    except ValueError as err:
-        raise ConfigError(f"transforms: {err}") from err
+    preprocess, train_views = build_transforms(cfg)
     # encoder -> BYOL (before the data: a bad layer name or crop size fails in seconds, not after caching)
     device = resolve_device(train_cfg["device"])
     if world_size() > 1 and device.type == "cuda":
@@ -184,7 +201,10 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         len(val_files),
     )
     # a persistent cache is written by rank 0 first, then read by the others (MONAI#2374)
-    with idist.one_rank_first() if data_cfg["cache"] == "persistent" else contextlib.nullcontext():
+    rank_0_first = (
+        idist.one_rank_first if data_cfg["cache"] == "persistent" else contextlib.nullcontext
+    )
+    with rank_0_first():
         train_ds = build_dataset(train_files, preprocess, train_views, **dataset_kwargs)
     batch_size = train_cfg["batch_size"]
     loader_kwargs = {
@@ -204,12 +224,8 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         )
     val_loader, val_views = None, None
     if val_files:
-        val_views = view_transforms(roi_size=roi, **view_kwargs)
-        with (
-            idist.one_rank_first()
-            if data_cfg["cache"] == "persistent"
-            else contextlib.nullcontext()
-        ):
+        val_views = build_transforms(cfg)[1]
+        with rank_0_first():
             val_ds = build_dataset(val_files, preprocess, val_views, **dataset_kwargs)
         val_loader = make_loader(
             val_ds, batch_size, shuffle=False, drop_last=False, **loader_kwargs
