@@ -78,6 +78,12 @@ OPTIONS: dict[str, Option] = {
         None, (str, type(None)), "persistent cache folder (default OUTPUT_DIR/cache)"
     ),
     "data.cache_rate": Option(1.0, _num, "fraction of volumes kept in the RAM cache"),
+    "data.on_bad_file": Option(
+        "error",
+        (str,),
+        "an unusable image: error stops with its name; skip checks every file first, lists bad ones in OUTPUT_DIR/skipped_files.txt and goes on",
+        ("error", "skip"),
+    ),
     "data.num_workers": Option(2, (int,), "DataLoader worker processes"),
     # model
     "model.encoder": Option("resnet50", (str,), "MONAI ResNet depth", ENCODERS),

@@ -30,6 +30,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+import torch
 from monai.config import PathLike
 from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.data.utils import json_hashing
@@ -40,6 +41,7 @@ from byol3d.readers import dicom_series_files, find_data_error
 
 __all__ = [
     "CACHE_KINDS",
+    "check_files",
     "IMAGE_SUFFIXES",
     "ViewDataset",
     "build_dataset",
@@ -410,3 +412,42 @@ def build_dataset(
     dataset = ViewDataset(base, views)
     dataset.cache_bytes = est
     return dataset
+
+
+class _FileCheck(torch.utils.data.Dataset):
+    """Runs ``preprocess`` on one file and returns ``(path, problem or "")``; never raises DataError."""
+
+    def __init__(self, files: Sequence[str], preprocess: Callable) -> None:
+        self.files, self.preprocess = list(files), preprocess
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[str, str]:
+        path = self.files[index]
+        try:
+            self.preprocess({"image": path})
+        except Exception as exc:  # noqa: BLE001 - only user-data errors are kept, others re-raised
+            err = find_data_error(exc)
+            if err is None:
+                raise
+            return path, str(err).splitlines()[0]
+        return path, ""
+
+
+def check_files(
+    files: Sequence[str], preprocess: Callable, num_workers: int = 0
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Split ``files`` into those ``preprocess`` accepts and ``(path, problem)`` for the rest.
+
+    Used by ``data.on_bad_file: skip``: every file is read and preprocessed once up front (in
+    ``num_workers`` DataLoader workers), so a corrupt, 4D, NaN or unreadable file is reported
+    before training instead of stopping it.
+    """
+    loader = torch.utils.data.DataLoader(
+        _FileCheck(files, preprocess), batch_size=None, num_workers=num_workers
+    )
+    good, bad = [], []
+    for path, problem in loader:
+        (bad.append((path, problem)) if problem else good.append(path))
+    return good, bad

@@ -53,6 +53,7 @@ RESUMABLE_KEYS = frozenset(
         "train.checkpoint_every",
         "train.keep_checkpoints",
         "data.num_workers",
+        "data.on_bad_file",
         "data.cache",
         "data.cache_dir",
         "data.cache_rate",

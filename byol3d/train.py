@@ -36,7 +36,7 @@ from torch.utils.data import DistributedSampler
 
 from byol3d.byol import BYOL
 from byol3d.config import dump_config
-from byol3d.data import build_dataset, find_images, split_train_val
+from byol3d.data import build_dataset, check_files, find_images, split_train_val
 from byol3d.distributed import is_main, make_loader, world_size, wrap_model
 from byol3d.engine import (
     MetricsLogger,
@@ -50,7 +50,7 @@ from byol3d.engine import (
     resolve_device,
     unwrap,
 )
-from byol3d.errors import CheckpointError, ConfigError
+from byol3d.errors import CheckpointError, ConfigError, DataError
 from byol3d.networks import build_encoder
 from byol3d.optim import build_optimizer, warmup_cosine
 from byol3d.rundir import (
@@ -185,6 +185,8 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
     )
 
     files = find_images(data_cfg["root"], dicom=data_cfg["dicom"])
+    if data_cfg["on_bad_file"] == "skip":
+        files = _skip_bad_files(files, preprocess, data_cfg["num_workers"], out)
     train_files, val_files = split_train_val(files, data_cfg["val_fraction"], seed=cfg["seed"])
     dataset_kwargs = {
         "cache": data_cfg["cache"],
@@ -378,6 +380,26 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         iterations=trainer.state.iteration,
         resumed_from=resume_from,
     )
+
+
+def _skip_bad_files(files: list[str], preprocess, num_workers: int, out: Path) -> list[str]:
+    """``data.on_bad_file: skip``: drop unusable files, warn, list them in skipped_files.txt."""
+    good, bad = check_files(files, preprocess, num_workers=num_workers)
+    if bad and is_main():
+        listing = out / "skipped_files.txt"
+        listing.write_text("".join(f"{path}\t{problem}\n" for path, problem in bad))
+        logger.warning(
+            "skipped %d of %d files that cannot be used (listed in %s), e.g. %s",
+            len(bad),
+            len(files),
+            listing,
+            bad[0][1],
+        )
+    if not good:
+        raise DataError(
+            f"none of the {len(files)} files under data.root can be used, e.g. {bad[0][1]}"
+        )
+    return good
 
 
 def _views_to_tensorboard(writer, cfg: Mapping[str, Any], engine: Engine) -> None:

@@ -249,3 +249,29 @@ def test_missing_checkpoint_file_is_a_clear_error(tmp_path):
 
     with pytest.raises(CheckpointError, match="nope.pt.*does not exist"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_on_bad_file_skip_lists_bad_files_and_trains_on(phantoms, tmp_path):
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    root = tmp_path / "data"
+    shutil.copytree(phantoms, root)
+    nib.save(
+        nib.Nifti1Image(np.full((40, 40, 32), np.nan, np.float32), np.eye(4)),
+        str(root / "nan.nii.gz"),
+    )
+    (root / "truncated.nii.gz").write_bytes((root / "ct_000.nii.gz").read_bytes()[:300])
+    with pytest.raises(DataError, match="nan.nii.gz|truncated.nii.gz"):
+        pretrain(tiny_config(root, tmp_path / "strict"))
+    out = tmp_path / "run"
+    result = pretrain(tiny_config(root, out, "data.on_bad_file=skip"))
+    assert result.iterations == 2  # the 5 good phantoms: 4 train, batch 2
+    skipped = (out / "skipped_files.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[0].rsplit("/", 1)[1] for line in skipped) == [
+        "nan.nii.gz",
+        "truncated.nii.gz",
+    ]
+    assert all("\t" in line and line.split("\t")[1] for line in skipped)
