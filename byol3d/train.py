@@ -243,6 +243,7 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         weight_decay=train_cfg["weight_decay"],
         momentum=train_cfg["momentum"],
     )
+    optimizer = idist.auto_optim(optimizer)  # unchanged for native DDP; wraps for Horovod/XLA
     schedule = warmup_cosine(
         warmup_steps=round(train_cfg["warmup_epochs"] * steps_per_epoch),
         total_steps=train_cfg["max_epochs"] * steps_per_epoch,
