@@ -151,10 +151,8 @@ def create_trainer(
         epoch_length = engine.state.epoch_length or engine.state.iteration
         i = (engine.state.iteration - 1) % epoch_length + 1  # 1-based iteration within the epoch
         will_step = i % accumulate_steps == 0 or i == epoch_length
-        last_start = (
-            optimizer_steps(epoch_length, epoch_length, accumulate_steps) - 1
-        ) * accumulate_steps
-        group = epoch_length - last_start if i > last_start else accumulate_steps
+        group_start = (i - 1) // accumulate_steps * accumulate_steps
+        group = min(accumulate_steps, epoch_length - group_start)  # the last group may be short
         sync = (
             model.no_sync
             if (not will_step and hasattr(model, "no_sync"))

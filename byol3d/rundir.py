@@ -62,13 +62,18 @@ RESUMABLE_KEYS = frozenset(
 _CKPT = re.compile(r"checkpoint_(\d+)\.pt$")
 
 
+def _checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(epoch, path)`` of every ``checkpoints/checkpoint_<epoch>.pt``, oldest first."""
+    folder = Path(output_dir) / "checkpoints"
+    return sorted(
+        (int(m.group(1)), p) for p in folder.glob("checkpoint_*.pt") if (m := _CKPT.search(p.name))
+    )
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The checkpoint with the highest epoch in ``output_dir/checkpoints``, or None."""
-    folder = Path(output_dir) / "checkpoints"
-    found = [
-        (int(m.group(1)), p) for p in folder.glob("checkpoint_*.pt") if (m := _CKPT.search(p.name))
-    ]
-    return max(found)[1] if found else None
+    found = _checkpoints(output_dir)
+    return found[-1][1] if found else None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -139,10 +144,7 @@ def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
 
     Runs only after a new checkpoint was written, so a run that fails never removes one.
     """
-    folder = Path(output_dir) / "checkpoints"
-    found = sorted(
-        (int(m.group(1)), p) for p in folder.glob("checkpoint_*.pt") if (m := _CKPT.search(p.name))
-    )
+    found = _checkpoints(output_dir)
     for _epoch, path in found[: max(0, len(found) - keep)]:
         path.unlink(missing_ok=True)
 

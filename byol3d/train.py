@@ -151,7 +151,7 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
     except OSError as err:
         raise ConfigError(f"cannot create output_dir {str(out)!r}: {err.strerror or err}") from err
 
-    # files -> data -> transforms (transforms first: their argument checks are cheap)
+    # transforms, then the model, then the files: the cheap checks fail first
     roi = list(tf_cfg["roi_size"])
     preprocess, train_views = build_transforms(cfg)
     # encoder -> BYOL (before the data: a bad layer name or crop size fails in seconds, not after caching)
