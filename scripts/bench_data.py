@@ -73,7 +73,9 @@ def run_data_benchmark(
     with tempfile.TemporaryDirectory(prefix="byol3d-bench-") as tmp:
         t = time.perf_counter()
         files = synth_ct(Path(tmp) / "ct", n_volumes, shape, spacing)
-        log(f"data: wrote {n_volumes} volumes {shape} at {spacing} mm in {time.perf_counter() - t:.0f} s")
+        log(
+            f"data: wrote {n_volumes} volumes {shape} at {spacing} mm in {time.perf_counter() - t:.0f} s"
+        )
         pre = ct_preprocess(roi_size=roi_size, pixdim=pixdim)
         views = view_transforms(roi_size=roi_size)
         sides = {}

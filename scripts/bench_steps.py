@@ -60,7 +60,9 @@ def sync(device: torch.device) -> None:
 
 def _byol3d_model(setup: StepSetup, channels_last: bool) -> BYOL:
     torch.manual_seed(0)
-    enc = build_encoder(setup.encoder, spatial_dims=setup.spatial_dims, in_channels=setup.in_channels)
+    enc = build_encoder(
+        setup.encoder, spatial_dims=setup.spatial_dims, in_channels=setup.in_channels
+    )
     model = BYOL(
         enc.to(setup.device),
         input_shape=setup.input_shape,
@@ -168,7 +170,9 @@ def lightly_loop(setup: StepSetup):
             return z.detach()
 
     torch.manual_seed(0)
-    backbone = build_encoder(setup.encoder, spatial_dims=setup.spatial_dims, in_channels=setup.in_channels)
+    backbone = build_encoder(
+        setup.encoder, spatial_dims=setup.spatial_dims, in_channels=setup.in_channels
+    )
     feature_dim = 512 if setup.encoder in ("resnet10", "resnet18", "resnet34") else 2048
     model = LightlyBYOL(backbone, feature_dim).to(setup.device)
     criterion = NegativeCosineSimilarity()
