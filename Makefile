@@ -9,7 +9,7 @@ DEMO_DATA ?= data/demo_ct
 DEMO_RUN ?= runs/demo_ct
 ARGS ?=
 
-.PHONY: install demo demo-data test test-all lint clean
+.PHONY: install demo demo-data test test-all lint clean bench bench-env
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,26 @@ test-all: install
 lint: install
 	$(BIN)/ruff check byol3d tests scripts
 	$(BIN)/ruff format --check byol3d tests scripts
+
+# Benchmark: byol3d vs lightly's BYOL loop and byol-pytorch, in a separate environment
+# (.bench-venv, about 6 GB) because the peers need torchvision, which has no CPU build for
+# the project's torch; torchvision==0.29.2 brings its own torch build, so both sides run
+# on the same torch. Nothing of it enters `make test`. Example:
+#   make bench ARGS="--quick --json bench.json --markdown bench.md"
+BENCH_VENV ?= .bench-venv
+BENCH_PKGS ?= torchvision==0.29.2 lightly byol-pytorch==0.8.2
+
+$(BENCH_VENV)/.installed: pyproject.toml
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet $(BENCH_PKGS)
+	$(BENCH_VENV)/bin/python -m pip install --quiet -e .
+	touch $@
+
+bench-env: $(BENCH_VENV)/.installed
+
+bench: bench-env
+	$(BENCH_VENV)/bin/python scripts/benchmark.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_RUN) $(DEMO_DATA) .pytest_cache

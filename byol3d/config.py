@@ -85,6 +85,11 @@ OPTIONS: dict[str, Option] = {
         ("error", "skip"),
     ),
     "data.num_workers": Option(2, (int,), "DataLoader worker processes"),
+    "data.gpu_views": Option(
+        False,
+        (bool,),
+        "draw the random views on the GPU in ThreadDataLoader threads (one CUDA device; pairs with cache: cache)",
+    ),
     # model
     "model.encoder": Option("resnet50", (str,), "MONAI ResNet depth", ENCODERS),
     "model.norm": Option(
@@ -167,6 +172,20 @@ OPTIONS: dict[str, Option] = {
         (str,),
         "autocast: auto (bf16 on GPUs that support it, else fp16; off on CPU), bf16, fp16, none",
         ("auto", "bf16", "fp16", "none"),
+    ),
+    "train.channels_last": Option(
+        "auto",
+        (str,),
+        "channels-last (3D) memory format for weights and batches: auto (on for CUDA only; slower on CPU), on, off",
+        ("auto", "on", "off"),
+    ),
+    "train.compile": Option(
+        False, (bool,), "torch.compile each residual block (first steps slower while compiling)"
+    ),
+    "train.activation_checkpointing": Option(
+        False,
+        (bool,),
+        "recompute the encoder's activations in the backward pass: less memory for large crops, ~1/3 more compute",
     ),
     "train.device": Option("auto", (str,), "auto (cuda if available), cpu, cuda, cuda:N"),
     "train.sync_bn": Option(

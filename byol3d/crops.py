@@ -173,3 +173,34 @@ class RandResizedCropd(Randomizable, MapTransform):
         else:
             mode, align = self.mode, None
         return F.interpolate(patch[None], size=self.roi_size, mode=mode, align_corners=align)[0]
+
+
+class ShareItemsd(MapTransform):
+    """Put the item under ``keys`` also under ``names``, by reference (no copy).
+
+    The zero-copy counterpart of ``monai.transforms.CopyItemsd`` for pipelines whose next
+    transform on each name never writes into its input, such as :class:`RandResizedCropd`
+    (it returns a new tensor): BYOL's two views then start from the same source volume
+    without deep-copying it (a copy of a 320x320x280 CT costs about 0.14 s per sample).
+
+    >>> d = ShareItemsd("image", names=("view1", "view2"))({"image": torch.zeros(1, 4, 4, 4)})
+    >>> d["view1"] is d["image"] is d["view2"]
+    True
+    """
+
+    def __init__(
+        self, keys: KeysCollection, names: Sequence[str], allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.names = [names] if isinstance(names, str) else list(names)
+        if len(self.keys) != 1 or not self.names:
+            raise ValueError(
+                f"ShareItemsd takes one source key and at least one name, got {self.keys} and {names!r}"
+            )
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            for name in self.names:
+                d[name] = d[key]
+        return d

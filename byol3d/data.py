@@ -259,7 +259,7 @@ class ViewDataset(Dataset):
     the two apart means the cache holds one preprocessed image per file (not the view
     copies), and the cached item is only read: ``CacheDataset`` returns its cached dict by
     reference when its transform has no random part, the dict is copied here, and
-    ``CopyItemsd`` copies the tensor before any view transform touches it.
+    the view transforms never write into it (each view starts with a crop into a new tensor).
 
     MONAI's ``DataLoader`` seeds the view transforms in every worker (``set_rnd`` walks
     ``data`` and ``transform``); a plain torch ``DataLoader`` needs

@@ -101,10 +101,13 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     raise Byol3dError(f"invalid train.amp {amp!r}, must be one of auto, bf16, fp16, none")
 
 
-def _to(batch: dict, key: str, device: torch.device) -> torch.Tensor:
+def _to(
+    batch: dict, key: str, device: torch.device, memory_format: torch.memory_format | None = None
+) -> torch.Tensor:
     if key not in batch:
         raise KeyError(f"batch has no {key!r}; it holds {sorted(batch)}")
-    return torch.as_tensor(batch[key]).to(device, non_blocking=True)
+    x = torch.as_tensor(batch[key]).to(device, non_blocking=True)
+    return x if memory_format is None else x.contiguous(memory_format=memory_format)
 
 
 def create_trainer(
@@ -117,6 +120,7 @@ def create_trainer(
     accumulate_steps: int = 1,
     grad_clip: float | None = None,
     view_keys: Sequence[str] = ("view1", "view2"),
+    memory_format: torch.memory_format | None = None,
 ) -> Engine:
     """The training Engine: one iteration = one batch of two views.
 
@@ -131,6 +135,8 @@ def create_trainer(
         accumulate_steps: iterations per optimizer step; the loss is divided accordingly.
         grad_clip: max gradient norm, or ``None``.
         view_keys: the batch keys of the two views.
+        memory_format: e.g. ``torch.channels_last_3d`` to match a channels-last model
+            (``train.channels_last``); ``None`` leaves the batches as they come.
 
     The step output is ``{"loss": tensor, "collapse": tensor, "lr": float}`` (tensors 0-dim, detached, on device:
     nothing here forces a host sync).
@@ -147,7 +153,7 @@ def create_trainer(
 
     def train_step(engine: Engine, batch: dict) -> dict[str, torch.Tensor]:
         model.train()
-        v1, v2 = _to(batch, key1, device), _to(batch, key2, device)
+        v1, v2 = _to(batch, key1, device, memory_format), _to(batch, key2, device, memory_format)
         epoch_length = engine.state.epoch_length or engine.state.iteration
         i = (engine.state.iteration - 1) % epoch_length + 1  # 1-based iteration within the epoch
         will_step = i % accumulate_steps == 0 or i == epoch_length

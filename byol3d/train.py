@@ -65,6 +65,7 @@ from byol3d.rundir import (
     save_encoder,
     truncate_log,
 )
+from byol3d.speed import apply_speed_options, device_views, memory_format, resolve_channels_last
 from byol3d.transforms import ct_preprocess, view_transforms
 
 logger = logging.getLogger("byol3d")
@@ -177,6 +178,14 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         )
     except ValueError as err:  # an unknown hidden_layer, a roi_size the encoder cannot take
         raise ConfigError(f"model.hidden_layer / transforms.roi_size: {err}") from err
+    channels_last = resolve_channels_last(train_cfg["channels_last"], device)
+    apply_speed_options(
+        model,
+        channels_last=channels_last,
+        compile=train_cfg["compile"],
+        activation_checkpointing=train_cfg["activation_checkpointing"],
+        spatial_dims=data_cfg["spatial_dims"],
+    )
     # DDP (when distributed) before the optimizer: SyncBatchNorm replaces modules
     model = wrap_model(
         model,
@@ -206,8 +215,14 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
     rank_0_first = (
         idist.one_rank_first if data_cfg["cache"] == "persistent" else contextlib.nullcontext
     )
+    gpu_views = data_cfg["gpu_views"]
+    if gpu_views and (device.type != "cuda" or world_size() > 1):
+        raise ConfigError(
+            "data.gpu_views needs train.device on one CUDA GPU (no DDP); set it false"
+        )
+    views_in_ds = device_views(train_views, device) if gpu_views else train_views
     with rank_0_first():
-        train_ds = build_dataset(train_files, preprocess, train_views, **dataset_kwargs)
+        train_ds = build_dataset(train_files, preprocess, views_in_ds, **dataset_kwargs)
     batch_size = train_cfg["batch_size"]
     loader_kwargs = {
         "num_workers": data_cfg["num_workers"],
@@ -215,9 +230,16 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         "seed": cfg["seed"],
     }
     drop_last = len(train_ds) >= batch_size * world_size()
-    train_loader = make_loader(
-        train_ds, batch_size, shuffle=True, drop_last=drop_last, **loader_kwargs
-    )
+    if gpu_views:  # GPU tensors stay in this process: threads, not worker processes
+        from monai.data import ThreadDataLoader
+
+        train_loader = ThreadDataLoader(
+            train_ds, batch_size=batch_size, shuffle=True, drop_last=drop_last, num_workers=0
+        )
+    else:
+        train_loader = make_loader(
+            train_ds, batch_size, shuffle=True, drop_last=drop_last, **loader_kwargs
+        )
     if len(train_ds) < batch_size:
         logger.warning(
             "only %d training volumes for train.batch_size %d: each epoch is one smaller batch",
@@ -262,6 +284,7 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         scaler=scaler,
         accumulate_steps=accumulate,
         grad_clip=train_cfg["grad_clip"],
+        memory_format=memory_format(data_cfg["spatial_dims"]) if channels_last else None,
     )
     Reseed(cfg["seed"], [train_views]).attach(trainer)
     if isinstance(getattr(train_loader, "sampler", None), DistributedSampler):

@@ -29,7 +29,6 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import (
     Compose,
-    CopyItemsd,
     CropForegroundd,
     DeleteItemsd,
     EnsureChannelFirstd,
@@ -49,7 +48,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from byol3d.crops import RandResizedCropd, check_range, check_roi
+from byol3d.crops import RandResizedCropd, ShareItemsd, check_range, check_roi
 from byol3d.readers import ValidateImaged, filename_of, find_data_error, image_loader
 
 __all__ = ["PreprocessCompose", "RandResizedCropd", "ct_preprocess", "view_transforms"]
@@ -257,7 +256,8 @@ def view_transforms(
 ) -> Compose:
     """BYOL's two views of one preprocessed image, each augmented with its own random draws.
 
-    ``CopyItemsd`` copies ``source_key`` into the two ``view_keys``; each view then gets
+    ``ShareItemsd`` puts ``source_key`` under the two ``view_keys`` (no copy: the random
+    resized crop that starts each view never writes into its input); each view then gets
     freshly built random transforms of its own. (One random MONAI dict transform over two
     keys draws ONE random state for both, which would give the views the same flip, crop
     and blur: the bug this structure avoids.) In order, per view:
@@ -306,7 +306,7 @@ def view_transforms(
         blur_sigma: (min, max) Gaussian sigma in voxels (>= 0).
 
     Returns:
-        A ``Compose``: ``[CopyItemsd, Compose(view1 transforms), Compose(view2 transforms),
+        A ``Compose``: ``[ShareItemsd, Compose(view1 transforms), Compose(view2 transforms),
         DeleteItemsd, EnsureTyped]``. ``set_random_state(seed)`` on it seeds every view
         transform differently and reproducibly.
     """
@@ -375,7 +375,7 @@ def view_transforms(
 
     return Compose(
         [
-            CopyItemsd(source_key, times=2, names=view_keys),
+            ShareItemsd(source_key, names=view_keys),  # no copy: the crop never writes its input
             one_view(view_keys[0], 0),
             one_view(view_keys[1], 1),
             DeleteItemsd(source_key),

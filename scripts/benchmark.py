@@ -1,0 +1,500 @@
+"""byol3d vs its peers, side by side in one run: step throughput, overhead, data pipeline, memory.
+
+    make bench ARGS="--quick --json bench.json --markdown bench.md"   # CPU-sized, < 15 min on 2 cores
+    make bench ARGS="--json bench.json"                              # full: ResNet-50 3D at 128^3
+    python scripts/benchmark.py --tiny --json /tmp/b.json            # seconds; the contract test
+
+``make bench`` builds .bench-venv (torchvision 0.29.2 with its torch, lightly, byol-pytorch 0.8.2,
+byol3d) and runs this script there. In an environment without the peers their rows say "not
+installed" and their ratios are null.
+
+What is measured (each group's sides alternate, A B C A B C ..., so drift hits all alike):
+
+1. Training step, 3D: byol3d's Ignite trainer (as ``byol3d pretrain`` wires it) at fp32 and at
+   byol3d's defaults (``train.amp=auto``, ``train.channels_last=auto``) vs lightly's BYOL example
+   loop on the same encoder; the bare compute of byol3d's step (no engine); the speed switches.
+   2D: the same vs byol-pytorch 0.8.2 (2D only: it builds itself with a 2D RGB dry run).
+2. Data: volumes/s (two views each) from .nii.gz of plain ``monai.data.Dataset`` vs byol3d's
+   cached loader, first and later epochs.
+3. Peak memory per configuration: max allocated on GPU; on CPU the process's peak RSS
+   (VmHWM, reset between measurements) while that side ran.
+4. FLOPs per step (torch.utils.flop_counter), achieved TFLOP/s, the card's dense bf16 peak
+   and the roof: the TFLOP/s of the network's largest convolution alone at the same shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_data import run_data_benchmark  # noqa: E402
+from bench_flops import card_peak, conv_roof, largest_conv, step_flops  # noqa: E402
+from bench_steps import (  # noqa: E402
+    StepSetup,
+    byol3d_bare,
+    byol3d_engine,
+    byol_pytorch_loop,
+    lightly_loop,
+    make_batches,
+)
+
+from byol3d.engine import resolve_amp  # noqa: E402
+from byol3d.speed import memory_format, resolve_channels_last  # noqa: E402
+
+PRESETS = {
+    # (3D encoder, size, batch), (2D encoder, size, batch), iters, repeats, data settings
+    "tiny": dict(
+        d3=("resnet10", 32, 2),
+        d2=("resnet10", 32, 2),
+        iters=1,
+        repeats=1,
+        heads=(64, 16),
+        data=dict(
+            n_volumes=2,
+            shape=(48, 48, 40),
+            spacing=(2.0, 2.0, 2.5),
+            pixdim=(2.5, 2.5, 2.5),
+            roi_size=(32, 32, 32),
+            batch_size=2,
+            num_workers=0,
+            epochs=2,
+        ),
+    ),
+    "quick": dict(
+        d3=("resnet10", 48, 4),
+        d2=("resnet18", 96, 8),
+        iters=2,
+        repeats=3,
+        heads=(4096, 256),
+        data=dict(
+            n_volumes=8,
+            shape=(256, 256, 160),
+            spacing=(0.8, 0.8, 1.25),
+            pixdim=(1.5, 1.5, 1.5),
+            roi_size=(48, 48, 48),
+            batch_size=2,
+            num_workers=2,
+            epochs=3,
+        ),
+    ),
+    "full": dict(
+        d3=("resnet50", 128, 8),
+        d2=("resnet50", 224, 64),
+        iters=10,
+        repeats=5,
+        heads=(4096, 256),
+        data=dict(
+            n_volumes=16,
+            shape=(512, 512, 240),
+            spacing=(0.75, 0.75, 1.25),
+            pixdim=(1.5, 1.5, 1.5),
+            roi_size=(128, 128, 128),
+            batch_size=2,
+            num_workers=min(8, os.cpu_count() or 1),
+            epochs=3,
+        ),
+    ),
+}
+
+
+class PeakMemory:
+    """Peak memory since the last reset, in MiB: max allocated on CUDA, else VmHWM (peak RSS)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:  # "5" resets the peak RSS (VmHWM) of this process to its current RSS
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+    def read(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _available(module: str) -> bool:
+    try:
+        __import__(module)
+        return True
+    except Exception:  # noqa: BLE001 - e.g. torchvision failing to load its operators
+        return False
+
+
+def run_group(title, setup, sides, iters, repeats, mem, log) -> list[dict]:
+    """Time each side on the same batches, alternating sides in every repeat."""
+    batches = make_batches(setup, iters)
+    runners, rows = {}, []
+    for name, (factory, info) in sides.items():
+        row = {
+            "section": "step",
+            "group": title,
+            "name": name,
+            "spatial_dims": setup.spatial_dims,
+            "encoder": setup.encoder,
+            "size": setup.size,
+            "batch": setup.batch,
+            "device": str(setup.device),
+            **info,
+        }
+        try:
+            run, amp_dtype = factory()
+            run(batches[:1])  # warm-up (allocator, oneDNN/cuDNN algorithm choice, compile)
+            runners[name] = run
+            row.update(
+                status="ok", precision=str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32"
+            )
+        except ImportError as err:
+            row.update(status="not installed", error=str(err))
+        except Exception as err:  # noqa: BLE001 - one failing side never hides the others
+            row.update(status="failed", error=f"{type(err).__name__}: {err}")
+        rows.append(row)
+    times = {n: [] for n in runners}
+    peaks = {n: 0.0 for n in runners}
+    for r in range(repeats):
+        order = list(runners) if r % 2 == 0 else list(reversed(runners))
+        for name in order:
+            mem.reset()
+            t = time.perf_counter()
+            runners[name](batches)
+            times[name].append((time.perf_counter() - t) / iters)
+            peaks[name] = max(peaks[name], mem.read())
+        log(
+            f"{title} repeat {r + 1}/{repeats}: "
+            + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in order)
+        )
+    for row in rows:
+        name = row["name"]
+        if name in times:
+            per_s = [setup.batch / t for t in times[name]]
+            row.update(
+                seconds_per_step=times[name],
+                samples_per_s=statistics.median(per_s),
+                samples_per_s_min=min(per_s),
+                samples_per_s_max=max(per_s),
+                peak_mem_mib=peaks[name],
+            )
+    return rows
+
+
+def flop_rows(setup, amp, mem, log) -> dict:
+    """FLOPs per step of byol3d's model and the largest-conv roof at the defaults' precision."""
+    from bench_steps import _byol3d_model
+
+    channels_last = resolve_channels_last("auto", setup.device)
+    model = _byol3d_model(setup, channels_last)
+    v = make_batches(setup, 1)[0]
+    flops = step_flops(model, v["view1"], v["view2"])
+    amp_dtype = resolve_amp(amp, setup.device)
+    fmt = memory_format(setup.spatial_dims) if channels_last else torch.contiguous_format
+    x = torch.cat([v["view1"], v["view2"]]).contiguous(memory_format=fmt)
+    conv, shape, conv_flops = largest_conv(model.online_encoder.net, x)
+    roof = conv_roof(conv, shape, conv_flops, setup.device, amp_dtype, fmt)
+    name, peak = card_peak(setup.device)
+    log(
+        f"flops: {flops / 1e9:.1f} GFLOP per step; largest conv {conv} on {tuple(shape)}: {roof:.2f} TFLOP/s"
+    )
+    return {
+        "step_flops": flops,
+        "per_sample_step_flops": flops / setup.batch,
+        "largest_conv": repr(conv),
+        "largest_conv_input": list(shape),
+        "roof_tflops": roof,
+        "device_name": name,
+        "bf16_dense_peak_tflops": peak,
+        "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+    }
+
+
+def _ratio(rows, a, b, key="samples_per_s", inverse=False):
+    va = next((r.get(key) for r in rows if r["name"] == a), None)
+    vb = next((r.get(key) for r in rows if r["name"] == b), None)
+    if not va or not vb:
+        return None
+    return round(vb / va if inverse else va / vb, 4)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="CPU-sized run (< 15 min on 2 cores)")
+    mode.add_argument("--tiny", action="store_true", help="seconds-long smoke run (tests)")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--markdown", type=Path, help="write the markdown tables here")
+    ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
+    ap.add_argument("--repeats", type=int, help="override the preset's repeats")
+    ap.add_argument("--iters", type=int, help="override the preset's steps per repeat")
+    ap.add_argument(
+        "--compile", action="store_true", help="also time train.compile (slow to build)"
+    )
+    ap.add_argument("--skip-data", action="store_true", help="skip the data-pipeline benchmark")
+    ap.add_argument("--no-switches", action="store_true", help="skip the speed-switch rows")
+    args = ap.parse_args(argv)
+    preset = PRESETS["tiny" if args.tiny else "quick" if args.quick else "full"]
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
+    iters, repeats = args.iters or preset["iters"], args.repeats or preset["repeats"]
+    hidden, proj = preset["heads"]
+    mem = PeakMemory(device)
+    log = lambda msg: print(f"[bench] {msg}", flush=True)  # noqa: E731
+    has_lightly, has_lucid = _available("lightly"), _available("byol_pytorch")
+    started = time.perf_counter()
+
+    enc3, s3, b3 = preset["d3"]
+    if device.type == "cpu" and not (args.tiny or args.quick):
+        b3 = 2  # ResNet-50 3D at 128^3 on a CPU: the smallest batch that keeps BatchNorm sane
+    setup3 = StepSetup(3, enc3, s3, b3, 1, device, hidden, proj)
+    log(f"3D: {enc3} at {s3}^3, batch {b3}, {iters} steps x {repeats} repeats on {device}")
+    sides3 = {
+        "byol3d_fp32": (
+            lambda: byol3d_engine(setup3, "none", False),
+            {"side": "byol3d", "setting": "matched"},
+        ),
+        "byol3d_defaults": (
+            lambda: byol3d_engine(setup3, "auto", resolve_channels_last("auto", device)),
+            {"side": "byol3d", "setting": "defaults"},
+        ),
+        "bare_defaults": (
+            lambda: byol3d_bare(setup3, "auto", resolve_channels_last("auto", device)),
+            {"side": "bare compute", "setting": "defaults"},
+        ),
+        "lightly": (
+            lightly_loop_factory(setup3, has_lightly),
+            {"side": "lightly", "setting": "matched = its defaults (fp32)"},
+        ),
+        "switch_bf16": (
+            lambda: byol3d_engine(setup3, "bf16", False),
+            {"side": "byol3d", "setting": "train.amp=bf16"},
+        ),
+        "switch_channels_last": (
+            lambda: byol3d_engine(setup3, "none", True),
+            {"side": "byol3d", "setting": "train.channels_last=on (fp32)"},
+        ),
+        "switch_checkpointing": (
+            lambda: _switch(setup3, activation_checkpointing=True),
+            {"side": "byol3d", "setting": "train.activation_checkpointing (fp32)"},
+        ),
+    }
+    if args.no_switches:
+        sides3 = {k: v for k, v in sides3.items() if not k.startswith("switch_")}
+    if args.compile:
+        sides3["switch_compile"] = (
+            lambda: _switch(setup3, compile=True),
+            {"side": "byol3d", "setting": "train.compile (fp32)"},
+        )
+    rows = run_group("3D", setup3, sides3, iters, repeats, mem, log)
+
+    enc2, s2, b2 = preset["d2"]
+    if device.type == "cpu" and not (args.tiny or args.quick):
+        b2 = 8
+    setup2 = StepSetup(2, enc2, s2, b2, 3, device, hidden, proj)
+    log(f"2D: {enc2} at {s2}^2 RGB, batch {b2}")
+    sides2 = {
+        "byol3d_2d_fp32": (
+            lambda: byol3d_engine(setup2, "none", False),
+            {"side": "byol3d", "setting": "matched"},
+        ),
+        "byol3d_2d_defaults": (
+            lambda: byol3d_engine(setup2, "auto", resolve_channels_last("auto", device)),
+            {"side": "byol3d", "setting": "defaults"},
+        ),
+        "byol_pytorch_2d": (
+            (lambda: byol_pytorch_loop(setup2)) if has_lucid else _missing("byol_pytorch"),
+            {"side": "byol-pytorch 0.8.2", "setting": "matched = its defaults (fp32)"},
+        ),
+    }
+    rows += run_group("2D", setup2, sides2, iters, repeats, mem, log)
+
+    flops = flop_rows(setup3, "auto", mem, log)
+    for row in rows:
+        if row.get("group") == "3D" and row.get("seconds_per_step"):
+            row["tflops"] = flops["per_sample_step_flops"] * row["samples_per_s"] / 1e12
+
+    if not args.skip_data:
+        rows += run_data_benchmark(
+            **preset["data"], peak_rss=PeakMemory(torch.device("cpu")), log=log
+        )
+
+    ratios = {
+        "step_vs_lightly_matched": _ratio(rows, "byol3d_fp32", "lightly"),
+        "step_vs_lightly_defaults": _ratio(rows, "byol3d_defaults", "lightly"),
+        "step_vs_byol_pytorch_matched": _ratio(rows, "byol3d_2d_fp32", "byol_pytorch_2d"),
+        "step_vs_byol_pytorch_defaults": _ratio(rows, "byol3d_2d_defaults", "byol_pytorch_2d"),
+        "overhead_vs_bare": _ratio(rows, "bare_defaults", "byol3d_defaults"),
+        "data_later_epoch_vs_monai": _ratio(
+            rows, "byol3d_cache", "monai_dataset", "volumes_per_s_later_epoch"
+        ),
+        "data_first_epoch_vs_monai": _ratio(
+            rows, "byol3d_cache", "monai_dataset", "volumes_per_s_first_epoch"
+        ),
+    }
+    if flops["bf16_dense_peak_tflops"]:
+        best = next(r for r in rows if r["name"] == "byol3d_defaults").get("tflops")
+        ratios["tflops_vs_bf16_peak"] = best and round(best / flops["bf16_dense_peak_tflops"], 4)
+    best = next(r for r in rows if r["name"] == "byol3d_defaults").get("tflops")
+    ratios["tflops_vs_conv_roof"] = best and round(best / flops["roof_tflops"], 4)
+    result = {
+        "preset": "tiny" if args.tiny else "quick" if args.quick else "full",
+        "command": " ".join(sys.argv),
+        "seconds": round(time.perf_counter() - started, 1),
+        "machine": _machine(device),
+        "versions": _versions(),
+        "ratios": ratios,
+        "flops": flops,
+        "rows": rows,
+    }
+    text = to_markdown(result)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=str))
+    if args.markdown:
+        args.markdown.write_text(text)
+    return result
+
+
+def lightly_loop_factory(setup, available):
+    return (lambda: lightly_loop(setup)) if available else _missing("lightly")
+
+
+def _missing(module):
+    def factory():
+        raise ImportError(f"{module} not installed (make bench installs it in .bench-venv)")
+
+    return factory
+
+
+def _switch(setup, **options):
+    """byol3d's engine in fp32 with one more speed switch on."""
+    run, amp_dtype = byol3d_engine(setup, "none", False)
+    from byol3d.speed import apply_speed_options
+
+    apply_speed_options(run.model, spatial_dims=setup.spatial_dims, **options)
+    return run, amp_dtype
+
+
+def _machine(device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    out = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "platform": platform.platform(),
+    }
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+    return out
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in (
+        "torch",
+        "monai",
+        "pytorch-ignite",
+        "byol3d",
+        "lightly",
+        "byol-pytorch",
+        "torchvision",
+    ):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _fmt(v, spec=".2f"):
+    return "-" if v is None else format(v, spec)
+
+
+def to_markdown(result: dict) -> str:
+    """The step, data and ratio tables as markdown (what docs/benchmarks.md shows)."""
+    rows = result["rows"]
+    lines = [
+        f"Machine: {result['machine']}  ",
+        f"Versions: {result['versions']}",
+        "",
+        "| group | name | side | setting | precision | encoder, input, batch | samples/s median [min-max] | TFLOP/s | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["section"] != "step":
+            continue
+        shape = f"{r['encoder']}, {r['size']}^{r['spatial_dims']}, {r['batch']}"
+        if r.get("status") != "ok":
+            lines.append(
+                f"| {r['group']} | {r['name']} | {r['side']} | {r['setting']} | - | {shape} | {r['status']} | - | - |"
+            )
+            continue
+        lines.append(
+            f"| {r['group']} | {r['name']} | {r['side']} | {r['setting']} | {r['precision']} | {shape} | "
+            f"{_fmt(r['samples_per_s'])} [{_fmt(r['samples_per_s_min'])}-{_fmt(r['samples_per_s_max'])}] | "
+            f"{_fmt(r.get('tflops'), '.3f')} | {_fmt(r['peak_mem_mib'], '.0f')} |"
+        )
+    data = [r for r in rows if r["section"] == "data"]
+    if data:
+        lines += [
+            "",
+            "| data pipeline | first epoch volumes/s | later epoch volumes/s | epoch seconds | peak RSS MiB |",
+            "|---|---|---|---|---|",
+        ]
+        for r in data:
+            secs = ", ".join(f"{s:.1f}" for s in r["epoch_seconds"])
+            lines.append(
+                f"| {r['name']} | {_fmt(r['volumes_per_s_first_epoch'])} | "
+                f"{_fmt(r['volumes_per_s_later_epoch'])} | {secs} | {_fmt(r['peak_mem_mib'], '.0f')} |"
+            )
+    f = result["flops"]
+    lines += [
+        "",
+        f"FLOPs per step: {f['step_flops'] / 1e9:.1f} GFLOP ({f['precision']}); largest conv "
+        f"{f['largest_conv']} on {f['largest_conv_input']}: roof {f['roof_tflops']:.3f} TFLOP/s; "
+        f"bf16 dense peak of {f['device_name']}: {f['bf16_dense_peak_tflops'] or 'unknown'}",
+        "",
+        "| ratio | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {_fmt(v, '.3f')} |" for k, v in result["ratios"].items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
