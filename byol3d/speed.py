@@ -133,7 +133,10 @@ def compile_blocks(net: nn.Module, skip: str | None = None, **compile_kwargs) ->
         net: the encoder.
         skip: a module name (the representation layer) whose block is left uncompiled, so
             the forward hook on it is seen by eager code.
-        compile_kwargs: passed to ``torch.compile`` (e.g. ``mode="max-autotune"``).
+        compile_kwargs: passed to ``torch.compile`` (e.g. ``mode="max-autotune"``). The default
+            is ``dynamic=False``: training shapes are fixed, and inductor's symbolic-shape
+            lowering of 3D convolutions fails on CPU after the first shape change (the dry run
+            that sizes the heads uses another batch size).
 
     Returns:
         The number of blocks compiled.
@@ -147,7 +150,7 @@ def compile_blocks(net: nn.Module, skip: str | None = None, **compile_kwargs) ->
             path = f"{name}.{i}"
             if skip and (skip == name or skip == path or skip.startswith(path + ".")):
                 continue
-            block.compile(**compile_kwargs)
+            block.compile(**{"dynamic": False, **compile_kwargs})
             count += 1
     return count
 
