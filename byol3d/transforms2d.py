@@ -574,3 +574,30 @@ def config_mean_std(
         files, preprocess, max_files=max_files, num_workers=data_cfg["num_workers"]
     )
     return mean, std, n
+
+
+def for_display(
+    sample: Mapping[str, Any],
+    image: Any,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    view_keys: Sequence[str] = ("view1", "view2"),
+) -> dict[str, Any]:
+    """A :func:`frame_views` sample in [0, 1] for drawing: the normalisation undone.
+
+    Args:
+        sample: the views' output (normalised float views).
+        image: the preprocessed frame (uint8 0..255, or float in [0, 1]); added as ``"image"``.
+        mean, std: the values the views were normalised with (None: 0.5).
+
+    Returns:
+        A copy of ``sample`` with ``view * std + mean`` clipped to [0, 1] under the view keys.
+    """
+    m = torch.tensor(_stats("mean", mean)).view(-1, 1, 1)
+    s = torch.tensor(_stats("std", std)).view(-1, 1, 1)
+    out = dict(sample)
+    for key in view_keys:
+        out[key] = (_tensor(sample[key]).float() * s + m).clamp(0.0, 1.0)
+    img = _tensor(image)
+    out["image"] = img.float() / 255.0 if not img.is_floating_point() else img.float()
+    return out
