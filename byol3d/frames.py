@@ -273,6 +273,21 @@ class FrameReader(PILReader):
             raise DataError(f"cannot read image {name}: {type(err).__name__}: {err}") from err
 
 
+class _LoadFramed(LoadImaged):
+    """``LoadImaged`` that always reads with its :class:`FrameReader`.
+
+    (A plain ``LoadImaged(reader=...)`` falls back to MONAI's other readers when that one
+    fails, which buries the file's real problem under theirs.)
+    """
+
+    def __init__(self, keys: KeysCollection, reader: FrameReader) -> None:
+        super().__init__(keys=keys, reader=reader, image_only=True, dtype=np.uint8)
+        self.frame_reader = reader
+
+    def __call__(self, data: Any, reader: Any = None) -> Any:
+        return super().__call__(data, reader or self.frame_reader)
+
+
 def frame_loader(keys: KeysCollection, channels: int = 3) -> LoadImaged:
-    """``LoadImaged`` with :class:`FrameReader`: a path in, a ``(W, H, C)`` uint8 MetaTensor out."""
-    return LoadImaged(keys=keys, reader=FrameReader(channels=channels), image_only=True)
+    """A ``LoadImaged`` with :class:`FrameReader`: a path in, a ``(W, H, C)`` uint8 MetaTensor out."""
+    return _LoadFramed(keys, FrameReader(channels=channels))
