@@ -4,6 +4,7 @@
     byol3d demo-data OUT_DIR [--n 16]          write synthetic CT phantoms (NIfTI, HU)
     byol3d demo-data OUT_DIR --kind endoscopy  write synthetic endoscopy frames (PNG) + frames.csv
     byol3d stats CONFIG [KEY=VALUE ...]        per-channel mean/std of the data, for transforms.mean/std
+    byol3d extract-frames VIDEOS OUT --every N every N-th frame of each video as JPEG (PyAV)
     byol3d preview CONFIG [KEY=VALUE ...]      the two augmented views of a few volumes (PNG)
     byol3d plot RUN_DIR                        training.png and summary.json of a run
 
@@ -90,6 +91,17 @@ def _parser() -> argparse.ArgumentParser:
         metavar=("W", "H"),
         help="endoscopy: frame width and height in pixels (default 128 112)",
     )
+    x = sub.add_parser(
+        "extract-frames",
+        help="write every N-th frame of videos as images (needs PyAV: pip install av)",
+    )
+    x.add_argument("videos", help="a video file or a folder searched recursively for videos")
+    x.add_argument("output", help="folder; one sub-folder of frames per video")
+    x.add_argument("--every", type=int, default=25, help="keep one frame in N (default 25)")
+    x.add_argument(
+        "--ext", choices=("jpg", "png"), default="jpg", help="image format (default jpg)"
+    )
+    x.add_argument("--max-frames", type=int, default=None, help="at most this many per video")
     st = sub.add_parser(
         "stats", help="per-channel mean/std of the configured data (for transforms.mean/std)"
     )
@@ -213,6 +225,21 @@ def _stats(args: argparse.Namespace) -> None:
     )
 
 
+def _extract_frames(args: argparse.Namespace) -> None:
+    from byol3d.video import extract_video_folder
+
+    try:
+        counts = extract_video_folder(
+            args.videos, args.output, every=args.every, ext=args.ext, max_frames=args.max_frames
+        )
+    except ValueError as err:
+        raise Byol3dError(str(err)) from err
+    print(
+        f"byol3d: wrote {sum(counts.values())} frames of {len(counts)} video(s) to {args.output} "
+        f"(every {args.every}th frame)"
+    )
+
+
 def _demo_data(args: argparse.Namespace) -> None:
     from byol3d.phantom import write_demo_dataset
 
@@ -282,6 +309,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "preview": _preview,
             "plot": _plot,
             "stats": _stats,
+            "extract-frames": _extract_frames,
         }
         commands[args.command](args)
     except Byol3dError as err:
