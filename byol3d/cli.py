@@ -209,7 +209,7 @@ def _plot(args: argparse.Namespace) -> None:
 
 def _stats(args: argparse.Namespace) -> None:
     from byol3d.config import load_config
-    from byol3d.transforms2d import config_mean_std
+    from byol3d.stats import config_mean_std
 
     cfg = load_config(args.config, args.overrides)
     try:

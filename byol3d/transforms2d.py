@@ -8,8 +8,9 @@ Same split as the CT pipeline (:mod:`byol3d.transforms`), for ``data.spatial_dim
 - :func:`frame_views` - ``CopyItemsd`` into ``view1``/``view2``, then per view, as in BYOL
   (Grill et al. 2020, appendix B): random resized crop, horizontal flip, colour jitter,
   grayscale, Gaussian blur, solarize, and per-channel normalisation.
-- :func:`compute_mean_std` - the per-channel mean and std of a dataset for that
-  normalisation (endoscopy colours are nothing like ImageNet's); ``byol3d stats`` prints them.
+- :func:`compute_mean_std` (:mod:`byol3d.stats`) - the per-channel mean and std of a dataset
+  for that normalisation (endoscopy colours are nothing like ImageNet's); ``byol3d stats``
+  prints them.
 
 >>> from byol3d.transforms2d import frame_preprocess, frame_views
 >>> pre, views = frame_preprocess(frame_size=256), frame_views(roi_size=(224, 224))
@@ -17,9 +18,9 @@ Same split as the CT pipeline (:mod:`byol3d.transforms`), for ``data.spatial_dim
 >>> item["view1"].shape, item["view1"].dtype                    # doctest: +SKIP
 (torch.Size([3, 224, 224]), torch.float32)
 
-The random colour operations draw their parameters from MONAI's per-transform random state
-(``set_random_state`` seeds them, as it seeds every other view transform) and apply
-kornia's implementations of torchvision's formulas (``kornia.enhance``), so a run is
+The random colour operations (:mod:`byol3d.photometric`) draw their parameters from MONAI's
+per-transform random state (``set_random_state`` seeds them, as it seeds every other view
+transform) and apply kornia's implementations of torchvision's formulas, so a run is
 reproducible the same way on the CT and the frame path.
 """
 
@@ -28,19 +29,9 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
-from kornia.color import rgb_to_grayscale
-from kornia.enhance import (
-    adjust_brightness_accumulative,
-    adjust_contrast_with_mean_subtraction,
-    adjust_hue,
-    adjust_saturation_with_gray_subtraction,
-    solarize,
-)
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.networks.layers import gaussian_1d, separable_filtering
 from monai.transforms import (
     Compose,
     CopyItemsd,
@@ -50,13 +41,14 @@ from monai.transforms import (
     MapTransform,
     NormalizeIntensityd,
     RandFlipd,
-    RandomizableTransform,
 )
 
 from byol3d.crops import RandResizedCropd, check_range, check_roi
 from byol3d.frames import frame_loader
+from byol3d.photometric import RandColorJitterd, RandGaussianBlurd, RandGrayscaled, RandSolarized
 from byol3d.readers import ValidateImaged
-from byol3d.transforms import PreprocessCompose, _non_negative, _per_view
+from byol3d.stats import compute_mean_std, config_mean_std
+from byol3d.transforms import PreprocessCompose, _per_view
 
 __all__ = [
     "RandColorJitterd",
@@ -65,6 +57,10 @@ __all__ = [
     "RandSolarized",
     "ShortSideResized",
     "applied",
+    "build_frame_transforms",
+    "compute_mean_std",
+    "config_mean_std",
+    "for_display",
     "frame_preprocess",
     "frame_views",
 ]
@@ -149,134 +145,6 @@ class _ToUnitd(MapTransform):
             img = _tensor(d[key])
             d[key] = img.float() / 255.0 if not img.is_floating_point() else img.float().clone()
         return d
-
-
-class _RandOpd(RandomizableTransform, MapTransform):
-    """A random op on ``(C, W, H)`` float images in [0, 1], applied with probability ``prob``."""
-
-    def __init__(self, keys: KeysCollection, prob: float) -> None:
-        RandomizableTransform.__init__(self, prob)
-        MapTransform.__init__(self, keys)
-
-    def draw(self) -> None:
-        """Draw the op's parameters after the coin flip (only when it fires)."""
-
-    def apply(self, img: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        self.randomize(None)
-        if not self._do_transform:
-            return d
-        self.draw()
-        for key in self.key_iterator(d):
-            d[key] = self.apply(_tensor(d[key]))
-        return d
-
-
-class RandColorJitterd(_RandOpd):
-    """torchvision's ``ColorJitter`` (random order of the four adjustments), with ``prob``.
-
-    Factors: brightness and contrast and saturation in ``[1 - x, 1 + x]``, hue in
-    ``[-hue, hue]`` (a fraction of the colour circle, hue <= 0.5). Brightness multiplies,
-    contrast blends with the grey mean, saturation with the grey image, hue rotates in HSV
-    (kornia's implementations of torchvision's formulas). On 1-channel images saturation and
-    hue do nothing. Results are clamped to [0, 1].
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        prob: float = 0.8,
-        brightness: float = 0.4,
-        contrast: float = 0.4,
-        saturation: float = 0.2,
-        hue: float = 0.1,
-    ) -> None:
-        super().__init__(keys, prob)
-        self.amounts = {
-            "brightness": _non_negative("brightness", brightness),
-            "contrast": _non_negative("contrast", contrast),
-            "saturation": _non_negative("saturation", saturation),
-            "hue": _non_negative("hue", hue),
-        }
-        if self.amounts["hue"] > 0.5:
-            raise ValueError(f"hue must lie in [0, 0.5], got {hue!r}")
-        self.order: list[int] = [0, 1, 2, 3]
-        self.factors: list[float] = [1.0, 1.0, 1.0, 0.0]
-
-    def draw(self) -> None:
-        b, c, s, h = (self.amounts[k] for k in ("brightness", "contrast", "saturation", "hue"))
-        self.order = [int(i) for i in self.R.permutation(4)]
-        self.factors = [
-            self.R.uniform(max(0.0, 1 - b), 1 + b),
-            self.R.uniform(max(0.0, 1 - c), 1 + c),
-            self.R.uniform(max(0.0, 1 - s), 1 + s),
-            self.R.uniform(-h, h),
-        ]
-
-    def apply(self, img: torch.Tensor) -> torch.Tensor:
-        rgb = img.shape[0] == 3
-        for i in self.order:
-            f = self.factors[i]
-            if i == 0 and f != 1.0:
-                img = adjust_brightness_accumulative(img, f)
-            elif i == 1 and f != 1.0:
-                img = adjust_contrast_with_mean_subtraction(img, f)
-            elif i == 2 and f != 1.0 and rgb:
-                img = adjust_saturation_with_gray_subtraction(img, f)
-            elif i == 3 and f != 0.0 and rgb:
-                img = adjust_hue(img, f * 2 * np.pi)
-        return img.clamp(0.0, 1.0)
-
-
-class RandGrayscaled(_RandOpd):
-    """RGB -> ITU-R 601 luma, copied to the 3 channels (torchvision ``RandomGrayscale``)."""
-
-    def apply(self, img: torch.Tensor) -> torch.Tensor:
-        if img.shape[0] != 3:
-            return img
-        return rgb_to_grayscale(img).expand(3, *img.shape[1:]).clone()
-
-
-class RandGaussianBlurd(_RandOpd):
-    """Isotropic Gaussian blur with one sigma drawn uniformly in ``sigma`` (pixels), with ``prob``.
-
-    BYOL draws one sigma in [0.1, 2.0] for a 224-pixel view. The filter is MONAI's separable
-    Gaussian (``gaussian_1d``, truncated at 4 sigma) with reflected borders, as torchvision
-    pads, so a blurred view gets no dark frame that would tell it apart from the other.
-    """
-
-    def __init__(self, keys: KeysCollection, prob: float, sigma: Sequence[float] = (0.1, 2.0)):
-        super().__init__(keys, prob)
-        self.sigma_range = check_range("blur_sigma", sigma, strict=False)
-        self.sigma = self.sigma_range[0]
-
-    def draw(self) -> None:
-        self.sigma = float(self.R.uniform(*self.sigma_range))
-
-    def apply(self, img: torch.Tensor) -> torch.Tensor:
-        if self.sigma <= 0:
-            return img
-        kernel = gaussian_1d(torch.tensor(self.sigma), truncated=4.0).to(img)
-        radius = (kernel.numel() - 1) // 2
-        if radius >= min(img.shape[1:]):  # reflection needs a border narrower than the image
-            kernel = gaussian_1d(
-                torch.tensor(self.sigma), truncated=(min(img.shape[1:]) - 1) / self.sigma
-            ).to(img)
-        return separable_filtering(img[None], [kernel, kernel], mode="reflect")[0]
-
-
-class RandSolarized(_RandOpd):
-    """Invert the pixels at or above ``threshold`` (torchvision ``RandomSolarize``), with ``prob``."""
-
-    def __init__(self, keys: KeysCollection, prob: float, threshold: float = 0.5) -> None:
-        super().__init__(keys, prob)
-        self.threshold = float(threshold)
-
-    def apply(self, img: torch.Tensor) -> torch.Tensor:
-        return solarize(img, thresholds=self.threshold)
 
 
 #: The random ops of a view, in order, by name (what :func:`applied` reports).
@@ -480,100 +348,6 @@ def build_frame_transforms(cfg: Mapping[str, Any]) -> tuple[PreprocessCompose, C
     preprocess = frame_preprocess(in_channels=channels, frame_size=tf_cfg.get("frame_size"))
     views = frame_views(**{k: tf_cfg[k] for k in VIEW_KEYS_2D if k in tf_cfg})
     return preprocess, views
-
-
-class _Pixels(torch.utils.data.Dataset):
-    def __init__(self, files: Sequence[str], preprocess) -> None:
-        self.files, self.preprocess = list(files), preprocess
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        img = _tensor(self.preprocess({"image": self.files[index]})["image"])
-        x = img.double() / 255.0 if not img.is_floating_point() else img.double()
-        flat = x.reshape(x.shape[0], -1)
-        return torch.stack(
-            [flat.sum(1), (flat**2).sum(1), torch.full_like(flat[:, 0], flat.shape[1])]
-        )
-
-
-def compute_mean_std(
-    files: Sequence[str], preprocess, max_files: int | None = 1000, num_workers: int = 0
-) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of the preprocessed images, in [0, 1] units, over all pixels.
-
-    For :func:`frame_views`' ``mean``/``std`` (``transforms.mean``/``transforms.std``):
-    every pixel of every file counts once (a large frame weighs more than a small one), as
-    torchvision's ImageNet statistics were computed. With more than ``max_files`` files, an
-    evenly spaced subset of ``max_files`` is used (deterministic; sorted frame lists spread
-    it over all videos).
-
-    Args:
-        files: image paths, e.g. :func:`byol3d.frames.list_images`.
-        preprocess: the deterministic transform (:func:`frame_preprocess`; uint8 output is
-            divided by 255, float output is taken as it is).
-        max_files: the most files read (None: all).
-        num_workers: DataLoader worker processes reading them.
-
-    Returns:
-        ``(mean, std)``, one float per channel, rounded to 4 decimals.
-    """
-    files = list(files)
-    if not files:
-        raise ValueError("files is empty: no image to measure")
-    if max_files is not None and len(files) > max_files:
-        picks = np.linspace(0, len(files) - 1, max_files).round().astype(int)
-        files = [files[i] for i in sorted(set(picks.tolist()))]
-    loader = torch.utils.data.DataLoader(
-        _Pixels(files, preprocess), batch_size=None, num_workers=num_workers
-    )
-    total = None
-    for sums in loader:
-        if total is not None and sums.shape != total.shape:
-            raise ValueError(
-                f"images differ in channel count ({total.shape[1]} vs {sums.shape[1]})"
-            )
-        total = sums if total is None else total + sums
-    s, sq, n = total
-    mean = s / n
-    std = (sq / n - mean**2).clamp_min(0).sqrt()
-    return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]
-
-
-def config_mean_std(
-    cfg: Mapping[str, Any], max_files: int | None = 1000
-) -> tuple[list[float], list[float], int]:
-    """:func:`compute_mean_std` of the images a config trains on, after its preprocessing.
-
-    What ``byol3d stats CONFIG`` prints. The files are those of ``byol3d pretrain``
-    (``data.csv`` or ``data.root``), preprocessed by the config's deterministic transform.
-
-    Returns:
-        ``(mean, std, number of files read)``.
-
-    Raises:
-        ConfigError, DataError: as ``byol3d pretrain`` for the same config.
-    """
-    from byol3d.errors import ConfigError
-    from byol3d.frames import list_images
-    from byol3d.train import build_transforms
-
-    data_cfg = cfg["data"]
-    if not data_cfg.get("root") and not data_cfg.get("csv"):
-        raise ConfigError("data.root is not set: give the data folder or data.csv")
-    preprocess, _ = build_transforms(cfg)
-    files = list_images(
-        data_cfg["root"],
-        csv=data_cfg.get("csv"),
-        spatial_dims=data_cfg["spatial_dims"],
-        dicom=data_cfg.get("dicom", True),
-    )
-    n = len(files) if max_files is None else min(len(files), max_files)
-    mean, std = compute_mean_std(
-        files, preprocess, max_files=max_files, num_workers=data_cfg["num_workers"]
-    )
-    return mean, std, n
 
 
 def for_display(

@@ -102,6 +102,15 @@ def test_read_image_list_rejects_bad_columns_duplicates_and_empty_lists(tmp_path
         read_image_list(tmp_path / "absent.csv")
 
 
+def test_a_csv_lists_volumes_too(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "ct_001.nii.gz").write_bytes(b"")
+    (tmp_path / "list.csv").write_text("id\nct_001\n")
+    assert list_images(root=tmp_path, csv=tmp_path / "list.csv", spatial_dims=3) == [
+        str(tmp_path / "images" / "ct_001.nii.gz")
+    ]
+
+
 def test_list_images_needs_a_root_or_a_csv():
     with pytest.raises(DataError, match="data.root is not set"):
         list_images(root=None, csv=None, spatial_dims=2)

@@ -10,15 +10,12 @@ from PIL import Image
 
 from byol3d.config import load_config
 from byol3d.errors import ConfigError
+from byol3d.photometric import RandColorJitterd, RandGaussianBlurd, RandGrayscaled, RandSolarized
+from byol3d.stats import compute_mean_std
 from byol3d.train import build_transforms
 from byol3d.transforms2d import (
-    RandColorJitterd,
-    RandGaussianBlurd,
-    RandGrayscaled,
-    RandSolarized,
     ShortSideResized,
     applied,
-    compute_mean_std,
     for_display,
     frame_preprocess,
     frame_views,
