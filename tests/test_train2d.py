@@ -164,3 +164,18 @@ def test_stats_and_preview_commands_on_frames(frames, tmp_path, capsys):
         ]
     )
     assert code == 0 and png.is_file() and png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("name", ["endoscopy_resnet50", "demo_endoscopy"])
+def test_shipped_2d_configs_load_and_build_their_transforms(name, tmp_path):
+    from byol3d.train import build_transforms
+
+    cfg = load_config(f"configs/{name}.yaml", [f"data.root={tmp_path}"])
+    assert cfg["data"]["spatial_dims"] == 2 and cfg["data"]["in_channels"] == 3
+    assert cfg["transforms"]["solarize_prob"] == [0.0, 0.2]
+    assert cfg["transforms"]["blur_prob"] == [1.0, 0.1]
+    assert cfg["transforms"]["scale"] == [0.08, 1.0]
+    _, views = build_transforms(cfg)
+    roi = cfg["transforms"]["roi_size"]
+    out = views({"image": torch.randint(0, 256, (3, roi[0] + 16, roi[1] + 8), dtype=torch.uint8)})
+    assert tuple(out["view1"].shape) == (3, *roi) and out["view2"].dtype == torch.float32
