@@ -7,9 +7,11 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 DEMO_DATA ?= data/demo_ct
 DEMO_RUN ?= runs/demo_ct
+ENDO_DATA ?= data/demo_endoscopy
+ENDO_RUN ?= runs/demo_endoscopy
 ARGS ?=
 
-.PHONY: install demo demo-data test test-all lint clean bench bench-env
+.PHONY: install demo demo-data demo-endoscopy test test-all lint clean bench bench-env
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +31,12 @@ demo-data: install
 demo: demo-data
 	$(BIN)/byol3d preview configs/demo_ct.yaml data.root=$(DEMO_DATA)/images --output $(DEMO_RUN)/views.png
 	$(BIN)/byol3d pretrain configs/demo_ct.yaml data.root=$(DEMO_DATA)/images output_dir=$(DEMO_RUN) $(ARGS)
+
+# The same trainer on 2D RGB frames: synthetic endoscopy frames, preview, a short CPU run.
+demo-endoscopy: install
+	$(BIN)/byol3d demo-data $(ENDO_DATA) --kind endoscopy --n 48
+	$(BIN)/byol3d preview configs/demo_endoscopy.yaml data.root=$(ENDO_DATA)/images --output $(ENDO_RUN)/views.png
+	$(BIN)/byol3d pretrain configs/demo_endoscopy.yaml data.root=$(ENDO_DATA)/images output_dir=$(ENDO_RUN) $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
@@ -61,4 +69,4 @@ bench: bench-env
 	$(BENCH_VENV)/bin/python scripts/benchmark.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(DEMO_RUN) $(DEMO_DATA) .pytest_cache
+	rm -rf $(VENV) $(DEMO_RUN) $(DEMO_DATA) $(ENDO_RUN) $(ENDO_DATA) .pytest_cache

@@ -2,6 +2,9 @@
 
     byol3d pretrain CONFIG [KEY=VALUE ...]     pretrain (or resume) as configured
     byol3d demo-data OUT_DIR [--n 16]          write synthetic CT phantoms (NIfTI, HU)
+    byol3d demo-data OUT_DIR --kind endoscopy  write synthetic endoscopy frames (PNG) + frames.csv
+    byol3d stats CONFIG [KEY=VALUE ...]        per-channel mean/std of the data, for transforms.mean/std
+    byol3d extract-frames VIDEOS OUT --every N every N-th frame of each video as JPEG (PyAV)
     byol3d preview CONFIG [KEY=VALUE ...]      the two augmented views of a few volumes (PNG)
     byol3d plot RUN_DIR                        training.png and summary.json of a run
 
@@ -73,6 +76,40 @@ def _parser() -> argparse.ArgumentParser:
         help="mm (default 4 4 5)",
     )
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument(
+        "--kind",
+        choices=("ct", "endoscopy"),
+        default="ct",
+        help="ct: NIfTI phantoms (default); endoscopy: PNG frames in video folders + frames.csv",
+    )
+    d.add_argument("--videos", type=int, default=4, help="endoscopy: video folders (default 4)")
+    d.add_argument(
+        "--frame-size",
+        type=int,
+        nargs=2,
+        default=(128, 112),
+        metavar=("W", "H"),
+        help="endoscopy: frame width and height in pixels (default 128 112)",
+    )
+    x = sub.add_parser(
+        "extract-frames",
+        help="write every N-th frame of videos as images (needs PyAV: pip install av)",
+    )
+    x.add_argument("videos", help="a video file or a folder searched recursively for videos")
+    x.add_argument("output", help="folder; one sub-folder of frames per video")
+    x.add_argument("--every", type=int, default=25, help="keep one frame in N (default 25)")
+    x.add_argument(
+        "--ext", choices=("jpg", "png"), default="jpg", help="image format (default jpg)"
+    )
+    x.add_argument("--max-frames", type=int, default=None, help="at most this many per video")
+    st = sub.add_parser(
+        "stats", help="per-channel mean/std of the configured data (for transforms.mean/std)"
+    )
+    st.add_argument("config", help="YAML config, as for pretrain")
+    st.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
+    st.add_argument(
+        "--max-files", type=int, default=1000, help="evenly spaced files read (default 1000)"
+    )
     v = sub.add_parser("preview", help="draw the two augmented views of a few volumes (PNG)")
     v.add_argument("config", help="YAML config, as for pretrain")
     v.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
@@ -170,8 +207,59 @@ def _plot(args: argparse.Namespace) -> None:
     print(f"  plot:        {path}")
 
 
+def _stats(args: argparse.Namespace) -> None:
+    from byol3d.config import load_config
+    from byol3d.stats import config_mean_std
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        mean, std, n = config_mean_std(cfg, max_files=args.max_files)
+    except ValueError as err:
+        raise Byol3dError(str(err)) from err
+    listed = lambda values: "[" + ", ".join(f"{v:g}" for v in values) + "]"  # noqa: E731
+    print(f"byol3d: per-channel mean/std of {n} preprocessed images ([0, 1] units); in the config:")
+    print(f"transforms:\n  mean: {listed(mean)}\n  std: {listed(std)}")
+    print(
+        f"or as overrides: transforms.mean={listed(mean).replace(' ', '')} "
+        f"transforms.std={listed(std).replace(' ', '')}"
+    )
+
+
+def _extract_frames(args: argparse.Namespace) -> None:
+    from byol3d.video import extract_video_folder
+
+    try:
+        counts = extract_video_folder(
+            args.videos, args.output, every=args.every, ext=args.ext, max_frames=args.max_frames
+        )
+    except ValueError as err:
+        raise Byol3dError(str(err)) from err
+    print(
+        f"byol3d: wrote {sum(counts.values())} frames of {len(counts)} video(s) to {args.output} "
+        f"(every {args.every}th frame)"
+    )
+
+
 def _demo_data(args: argparse.Namespace) -> None:
     from byol3d.phantom import write_demo_dataset
+
+    if args.kind == "endoscopy":
+        from byol3d.endoscopy import write_endoscopy_dataset
+
+        try:
+            frames = write_endoscopy_dataset(
+                args.output,
+                n=args.n,
+                videos=args.videos,
+                size=tuple(args.frame_size),
+                seed=args.seed,
+            )
+        except ValueError as err:
+            raise Byol3dError(str(err)) from err
+        print(
+            f"byol3d: wrote {len(frames)} endoscopy frames to {args.output}/images (frames.csv beside)"
+        )
+        return
 
     try:
         paths = write_demo_dataset(
@@ -204,7 +292,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     # options may come between the KEY=VALUE overrides: collect the overrides argparse left over
     args, extra = parser.parse_known_args(argv)
-    unknown = [x for x in extra if x.startswith("-") or args.command not in ("pretrain", "preview")]
+    unknown = [
+        x
+        for x in extra
+        if x.startswith("-") or args.command not in ("pretrain", "preview", "stats")
+    ]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
@@ -216,6 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "demo-data": _demo_data,
             "preview": _preview,
             "plot": _plot,
+            "stats": _stats,
+            "extract-frames": _extract_frames,
         }
         commands[args.command](args)
     except Byol3dError as err:

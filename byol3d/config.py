@@ -60,11 +60,18 @@ OPTIONS: dict[str, Option] = {
     "data.root": Option(
         None,
         (str, type(None)),
-        "folder searched recursively for .nii/.nii.gz/.nrrd/.mha/.mhd and DICOM series",
+        "folder searched recursively: 3D .nii/.nii.gz/.nrrd/.mha/.mhd and DICOM series; 2D .png/.jpg/.jpeg/.bmp/.tif/.tiff",
+    ),
+    "data.csv": Option(
+        None,
+        (str, type(None)),
+        "2D and 3D: CSV list of images instead of a folder search (column path or id, optional label; relative to data.root)",
     ),
     "data.spatial_dims": Option(3, (int,), "3 for volumes, 2 for frames", (2, 3)),
-    "data.in_channels": Option(1, (int,), "image channels: 1 for CT"),
-    "data.dicom": Option(True, (bool,), "also look for DICOM series folders under data.root"),
+    "data.in_channels": Option(
+        1, (int,), "image channels: 1 for CT, 3 for RGB frames (2D: 1 or 3)"
+    ),
+    "data.dicom": Option(True, (bool,), "3D: also look for DICOM series folders under data.root"),
     "data.val_fraction": Option(
         0.1, _num, "fraction of files held out for the validation loss (0 for none)"
     ),
@@ -107,41 +114,75 @@ OPTIONS: dict[str, Option] = {
         [128, 128, 128], (list,), "crop size of each view, one entry per spatial dim, each >= 32"
     ),
     "transforms.pixdim": Option(
-        None, (list, type(None)), "resample to this voxel spacing in mm (null: keep the file's)"
+        None, (list, type(None)), "3D: resample to this voxel spacing in mm (null: keep the file's)"
     ),
     "transforms.hu_window": Option(
-        [-1000.0, 1000.0], (list,), "HU range mapped to [0, 1], values outside clipped"
+        [-1000.0, 1000.0], (list,), "3D: HU range mapped to [0, 1], values outside clipped"
     ),
     "transforms.crop_foreground": Option(
-        True, (bool,), "crop to the bounding box of voxels above foreground_hu"
+        True, (bool,), "3D: crop to the bounding box of voxels above foreground_hu"
     ),
     "transforms.foreground_hu": Option(
-        -500.0, _num, "HU threshold of the body for the foreground crop"
+        -500.0, _num, "3D: HU threshold of the body for the foreground crop"
     ),
     "transforms.scale": Option(
-        [0.2, 1.0], (list,), "random resized crop: range of the crop's volume fraction"
+        [0.2, 1.0],
+        (list,),
+        "random resized crop: range of the crop's volume (2D: area) fraction (BYOL 2D: [0.08, 1.0])",
     ),
     "transforms.ratio": Option(
         [0.75, 1.3333333], (list,), "random resized crop: range of per-axis aspect ratios"
     ),
-    "transforms.flip_prob": Option(0.5, _prob, "flip probability per axis"),
+    "transforms.flip_prob": Option(
+        0.5, _prob, "flip probability per axis (2D: horizontal flip only)"
+    ),
     "transforms.rotate90_prob": Option(
-        0.5, _prob, "probability of a random 90-degree rotation in the axial plane"
+        0.5, _prob, "3D: probability of a random 90-degree rotation in the axial plane"
     ),
-    "transforms.intensity_prob": Option(0.8, _prob, "probability of the intensity scale and shift"),
-    "transforms.intensity_scale": Option(0.1, _num, "intensity scale factor range +-"),
+    "transforms.intensity_prob": Option(
+        0.8, _prob, "3D: probability of the intensity scale and shift"
+    ),
+    "transforms.intensity_scale": Option(0.1, _num, "3D: intensity scale factor range +-"),
     "transforms.intensity_shift": Option(
-        0.1, _num, "intensity shift range +- (in [0, 1] window units)"
+        0.1, _num, "3D: intensity shift range +- (in [0, 1] window units)"
     ),
-    "transforms.gamma_prob": Option(0.5, _prob, "probability of a gamma contrast change"),
-    "transforms.gamma": Option([0.7, 1.5], (list,), "gamma range"),
-    "transforms.noise_prob": Option(0.2, _prob, "probability of Gaussian noise"),
-    "transforms.noise_std": Option(0.03, _num, "Gaussian noise std (window units)"),
+    "transforms.gamma_prob": Option(0.5, _prob, "3D: probability of a gamma contrast change"),
+    "transforms.gamma": Option([0.7, 1.5], (list,), "3D: gamma range"),
+    "transforms.noise_prob": Option(0.2, _prob, "3D: probability of Gaussian noise"),
+    "transforms.noise_std": Option(0.03, _num, "3D: Gaussian noise std (window units)"),
     "transforms.blur_prob": Option(
         [1.0, 0.1], _prob, "Gaussian smoothing probability per view (BYOL: 1.0 and 0.1)"
     ),
     "transforms.blur_sigma": Option(
-        [0.5, 1.5], (list,), "Gaussian smoothing sigma range in voxels"
+        [0.5, 1.5], (list,), "Gaussian smoothing sigma range in voxels (BYOL 2D: [0.1, 2.0])"
+    ),
+    "transforms.frame_size": Option(
+        None,
+        (int, type(None)),
+        "2D: shrink frames whose shorter side is longer than this before caching (null: keep)",
+    ),
+    "transforms.colour_jitter_prob": Option(
+        0.8, _prob, "2D: probability of colour jitter (brightness, contrast, saturation, hue)"
+    ),
+    "transforms.brightness": Option(0.4, _num, "2D: brightness factor range 1 +-"),
+    "transforms.contrast": Option(0.4, _num, "2D: contrast factor range 1 +-"),
+    "transforms.saturation": Option(0.2, _num, "2D: saturation factor range 1 +-"),
+    "transforms.hue": Option(
+        0.1, _num, "2D: hue shift range +- (fraction of the colour circle, <= 0.5)"
+    ),
+    "transforms.grayscale_prob": Option(0.2, _prob, "2D: probability of converting to grey"),
+    "transforms.solarize_prob": Option(
+        [0.0, 0.2], _prob, "2D: probability of solarising at 0.5 per view (BYOL: 0.0 and 0.2)"
+    ),
+    "transforms.mean": Option(
+        None,
+        (list, type(None)),
+        "2D: per-channel mean of the [0, 1] frames for normalisation (null: 0.5); byol3d stats measures it",
+    ),
+    "transforms.std": Option(
+        None,
+        (list, type(None)),
+        "2D: per-channel std of the [0, 1] frames for normalisation (null: 0.5); byol3d stats measures it",
     ),
     # train
     "train.max_epochs": Option(
@@ -407,6 +448,7 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     for key in ("transforms.intensity_scale", "transforms.intensity_shift", "transforms.noise_std"):
         if flat[key] < 0:
             raise _fail(key, flat[key], ">= 0")
+    _validate_2d(flat)
     if not 0.0 <= flat["train.base_tau"] <= 1.0:
         raise _fail("train.base_tau", flat["train.base_tau"], "in [0, 1]")
     if not 0.0 <= flat["data.val_fraction"] < 1.0:
@@ -451,6 +493,29 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
         device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
     ):
         raise _fail("train.device", device, "auto, cpu, cuda or cuda:N")
+
+
+def _validate_2d(flat: Mapping[str, Any]) -> None:
+    """The keys of the 2D frame path (checked for 3D runs too: a config stays valid either way)."""
+    for key in ("transforms.brightness", "transforms.contrast", "transforms.saturation"):
+        if flat[key] < 0:
+            raise _fail(key, flat[key], ">= 0")
+    if not 0 <= flat["transforms.hue"] <= 0.5:
+        raise _fail("transforms.hue", flat["transforms.hue"], "in [0, 0.5]")
+    size = flat["transforms.frame_size"]
+    if size is not None and size < 1:
+        raise _fail("transforms.frame_size", size, ">= 1 or null")
+    for key in ("transforms.mean", "transforms.std"):
+        if flat[key] is not None:
+            values = _numbers(key, flat[key])
+            if len(values) not in (1, flat["data.in_channels"]):
+                raise _fail(
+                    key, flat[key], f"1 or data.in_channels = {flat['data.in_channels']} numbers"
+                )
+            if key == "transforms.std" and min(values) <= 0:
+                raise _fail(key, flat[key], "positive numbers")
+    if flat["data.spatial_dims"] == 2 and flat["data.in_channels"] not in (1, 3):
+        raise _fail("data.in_channels", flat["data.in_channels"], "1 or 3 with data.spatial_dims 2")
 
 
 def dump_config(cfg: Mapping[str, Any]) -> str:

@@ -226,14 +226,15 @@ def views_figure(cfg: Mapping[str, Any], n: int = 4, seed: int = 0):
         ConfigError: if ``data.root`` is unset or a transforms key is invalid.
         DataError: if the folder holds no image or an image cannot be read.
     """
-    from byol3d.data import find_images
     from byol3d.errors import ConfigError
+    from byol3d.frames import list_images
     from byol3d.train import build_transforms
+    from byol3d.transforms2d import for_display
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     data_cfg, tf_cfg = cfg["data"], cfg["transforms"]
-    if not data_cfg.get("root"):
+    if not data_cfg.get("root") and not data_cfg.get("csv"):
         raise ConfigError("data.root is not set: give the data folder, e.g. data.root=/data/ct")
     roi = list(tf_cfg["roi_size"])
     preprocess, views = build_transforms(cfg)  # exactly as byol3d pretrain builds them
@@ -241,16 +242,26 @@ def views_figure(cfg: Mapping[str, Any], n: int = 4, seed: int = 0):
     torch_state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # for any transform drawing from torch's generator
     try:
-        files = find_images(data_cfg["root"], dicom=data_cfg.get("dicom", True))[:n]
+        files = list_images(
+            data_cfg["root"],
+            csv=data_cfg.get("csv"),
+            spatial_dims=data_cfg["spatial_dims"],
+            dicom=data_cfg.get("dicom", True),
+        )[:n]
         samples = []
         for path in files:
             image = preprocess({"image": path})
             sample = views(dict(image))
-            if len(roi) == 2:
-                sample["image"] = image["image"]
+            if data_cfg["spatial_dims"] == 2:  # frames: undo the normalisation for display
+                sample = for_display(sample, image["image"], tf_cfg["mean"], tf_cfg["std"])
             samples.append(sample)
     finally:
         torch.random.set_rng_state(torch_state)
+    if data_cfg["spatial_dims"] == 2:
+        title = (
+            f"BYOL views: roi_size {roi}, normalisation undone for display (RGB 0..1); seed {seed}"
+        )
+        return draw_views(samples, title, row_labels=[Path(p).name for p in files])
     low, high = tf_cfg["hu_window"]
     spacing = f", pixdim {list(tf_cfg['pixdim'])} mm" if tf_cfg.get("pixdim") else ""
     title = (

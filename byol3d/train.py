@@ -36,7 +36,7 @@ from torch.utils.data import DistributedSampler
 
 from byol3d.byol import BYOL
 from byol3d.config import dump_config
-from byol3d.data import build_dataset, check_files, find_images, split_train_val
+from byol3d.data import build_dataset, check_files, split_train_val
 from byol3d.distributed import is_main, make_loader, world_size, wrap_model
 from byol3d.engine import (
     MetricsLogger,
@@ -51,6 +51,7 @@ from byol3d.engine import (
     unwrap,
 )
 from byol3d.errors import CheckpointError, ConfigError, DataError
+from byol3d.frames import list_images
 from byol3d.networks import build_encoder
 from byol3d.optim import build_optimizer, warmup_cosine
 from byol3d.rundir import (
@@ -67,6 +68,7 @@ from byol3d.rundir import (
 )
 from byol3d.speed import apply_speed_options, device_views, memory_format, resolve_channels_last
 from byol3d.transforms import ct_preprocess, view_transforms
+from byol3d.transforms2d import FRAME_ONLY_KEYS, build_frame_transforms
 
 logger = logging.getLogger("byol3d")
 
@@ -109,13 +111,22 @@ def build_transforms(cfg: Mapping[str, Any]):
         ConfigError: settings the transforms reject (e.g. a threshold outside the HU window).
     """
     tf_cfg = cfg["transforms"]
+    if cfg["data"]["spatial_dims"] == 2:  # frames: byol3d.transforms2d, same structure
+        try:
+            return build_frame_transforms(cfg)
+        except ValueError as err:
+            raise ConfigError(f"transforms: {err}") from err
     try:
         preprocess = ct_preprocess(
             in_channels=cfg["data"]["in_channels"], **{k: tf_cfg[k] for k in _PREPROCESS_KEYS}
         )
         views = view_transforms(
             roi_size=list(tf_cfg["roi_size"]),
-            **{k: v for k, v in tf_cfg.items() if k not in _PREPROCESS_KEYS},
+            **{
+                k: v
+                for k, v in tf_cfg.items()
+                if k not in _PREPROCESS_KEYS and k not in FRAME_ONLY_KEYS
+            },
         )
     except ValueError as err:
         raise ConfigError(f"transforms: {err}") from err
@@ -133,8 +144,10 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
     data_cfg, model_cfg, tf_cfg, train_cfg = (
         cfg[s] for s in ("data", "model", "transforms", "train")
     )
-    if not data_cfg["root"]:
-        raise ConfigError("data.root is not set: give the data folder, e.g. data.root=/data/ct")
+    if not data_cfg["root"] and not data_cfg["csv"]:
+        raise ConfigError(
+            "data.root is not set: give the data folder, e.g. data.root=/data/ct, or a CSV list, data.csv=..."
+        )
     out = Path(cfg["output_dir"])
     ckpt_dir = out / "checkpoints"
     resume_from = latest_checkpoint(out)
@@ -193,7 +206,12 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         find_unused_parameters=model_cfg["hidden_layer"] != "avgpool",
     )
 
-    files = find_images(data_cfg["root"], dicom=data_cfg["dicom"])
+    files = list_images(
+        data_cfg["root"],
+        csv=data_cfg["csv"],
+        spatial_dims=data_cfg["spatial_dims"],
+        dicom=data_cfg["dicom"],
+    )
     if data_cfg["on_bad_file"] == "skip":
         files = _skip_bad_files(files, preprocess, data_cfg["num_workers"], out)
     train_files, val_files = split_train_val(files, data_cfg["val_fraction"], seed=cfg["seed"])
@@ -205,9 +223,9 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         "progress": train_cfg["progress"],
     }
     logger.info(
-        "data: %d volumes under %s (%d train, %d validation)",
+        "data: %d images from %s (%d train, %d validation)",
         len(files),
-        data_cfg["root"],
+        data_cfg["csv"] or data_cfg["root"],
         len(train_files),
         len(val_files),
     )

@@ -1,0 +1,181 @@
+"""2D frames through the same ``pretrain``: folders, CSV lists, odd frames, errors."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from byol3d.cli import main
+from byol3d.config import load_config
+from byol3d.endoscopy import write_endoscopy_dataset
+from byol3d.errors import DataError
+from byol3d.networks import build_encoder
+from byol3d.train import pretrain
+
+TINY_2D = [
+    "data.spatial_dims=2",
+    "data.in_channels=3",
+    "model.encoder=resnet10",
+    "model.hidden_dim=32",
+    "model.projection_dim=16",
+    "transforms.roi_size=[32,32]",
+    "transforms.blur_sigma=[0.1,0.5]",
+    "train.batch_size=2",
+    "train.max_epochs=1",
+    "train.warmup_epochs=0",
+    "train.lr=1e-3",
+    "train.log_every=1",
+    "train.progress=false",
+    "train.tensorboard=false",
+    "train.device=cpu",
+    "data.cache=none",
+    "data.num_workers=0",
+    "data.val_fraction=0",
+]
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory):
+    root = tmp_path_factory.mktemp("endo")
+    write_endoscopy_dataset(root, n=6, videos=2, size=(48, 40), seed=0)
+    return root
+
+
+def _rows(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_a_folder_of_frames_pretrains(frames, tmp_path):
+    cfg = load_config(None, [*TINY_2D, f"data.root={frames / 'images'}", f"output_dir={tmp_path}"])
+    result = pretrain(cfg)
+    assert result.iterations == 3 and result.epochs == 1
+    metrics = _rows(tmp_path / "metrics.csv")
+    assert len(metrics) == 3 and all(np.isfinite(float(r["loss"])) for r in metrics)
+    encoder = build_encoder("resnet10", spatial_dims=2, in_channels=3)
+    encoder.load_state_dict(torch.load(result.encoder_path, weights_only=True), strict=True)
+
+
+def test_a_csv_list_pretrains_with_or_without_labels(frames, tmp_path):
+    cfg = load_config(
+        None,
+        [
+            *TINY_2D,
+            f"data.csv={frames / 'frames.csv'}",
+            f"data.root={frames}",
+            "data.val_fraction=0.34",
+            "data.cache=cache",
+            f"output_dir={tmp_path / 'labelled'}",
+        ],
+    )
+    result = pretrain(cfg)
+    assert result.iterations == 2  # 4 training frames, 2 for validation
+    epochs = _rows(tmp_path / "labelled" / "epochs.csv")
+    assert np.isfinite(float(epochs[0]["val_loss"]))
+    # paths only, absolute, no label column
+    unlabelled = tmp_path / "paths.csv"
+    unlabelled.write_text(
+        "path\n" + "".join(f"{frames / r['path']}\n" for r in _rows(frames / "frames.csv")[:4])
+    )
+    cfg = load_config(
+        None, [*TINY_2D, f"data.csv={unlabelled}", f"output_dir={tmp_path / 'unlabelled'}"]
+    )
+    assert pretrain(cfg).iterations == 2
+
+
+def test_grey_and_rgba_frames_in_an_rgb_dataset_are_converted(tmp_path):
+    root = tmp_path / "mixed"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / "rgb.png")
+    Image.fromarray(rng.integers(0, 256, (40, 48), dtype=np.uint8)).save(root / "grey.png")
+    Image.fromarray(rng.integers(0, 256, (40, 48, 4), dtype=np.uint8), "RGBA").save(
+        root / "rgba.png"
+    )
+    Image.fromarray(rng.integers(0, 256, (36, 50, 3), dtype=np.uint8)).save(root / "photo.jpg")
+    cfg = load_config(None, [*TINY_2D, f"data.root={root}", f"output_dir={tmp_path / 'run'}"])
+    assert pretrain(cfg).iterations == 2
+
+
+def test_a_csv_naming_a_missing_file_is_a_one_line_error(frames, tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,path,label\na,images/video_00/frame_000.png,0\nb,images/nope.png,1\n")
+    cfg = load_config(
+        None, [*TINY_2D, f"data.csv={bad}", f"data.root={frames}", f"output_dir={tmp_path / 'r'}"]
+    )
+    with pytest.raises(DataError, match=r"line 3: image .*images/nope.png does not exist"):
+        pretrain(cfg)
+    code = main(
+        [
+            "pretrain",
+            "--quiet",
+            "configs/demo_endoscopy.yaml",
+            f"data.csv={bad}",
+            f"data.root={frames}",
+            f"output_dir={tmp_path / 'cli'}",
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert (
+        err[0].startswith("byol3d: error: data.csv") and "images/nope.png does not exist" in err[0]
+    )
+
+
+def test_an_unreadable_frame_is_named(tmp_path):
+    root = tmp_path / "frames"
+    root.mkdir()
+    Image.fromarray(np.zeros((40, 48, 3), dtype=np.uint8)).save(root / "a.png")
+    (root / "b.png").write_bytes(b"\x89PNG not really")
+    cfg = load_config(None, [*TINY_2D, f"data.root={root}", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(DataError, match="b.png"):
+        pretrain(cfg)
+    skip = load_config(
+        None,
+        [*TINY_2D, f"data.root={root}", "data.on_bad_file=skip", f"output_dir={tmp_path / 's'}"],
+    )
+    assert pretrain(skip).iterations == 1
+    assert "b.png" in (tmp_path / "s" / "skipped_files.txt").read_text()
+
+
+def test_stats_and_preview_commands_on_frames(frames, tmp_path, capsys):
+    code = main(["stats", "configs/demo_endoscopy.yaml", f"data.root={frames / 'images'}"])
+    out = capsys.readouterr().out
+    assert code == 0 and "per-channel mean/std of 6 preprocessed images" in out
+    line = next(x for x in out.splitlines() if x.startswith("or as overrides"))
+    overrides = line.split(": ", 1)[1].split()
+    cfg = load_config("configs/demo_endoscopy.yaml", overrides)
+    mean = cfg["transforms"]["mean"]
+    assert len(mean) == 3 and mean[0] > mean[1] and mean[0] > mean[2]  # red tissue
+    png = tmp_path / "views.png"
+    code = main(
+        [
+            "preview",
+            "configs/demo_endoscopy.yaml",
+            f"data.root={frames / 'images'}",
+            "--n",
+            "2",
+            "--output",
+            str(png),
+        ]
+    )
+    assert code == 0 and png.is_file() and png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("name", ["endoscopy_resnet50", "demo_endoscopy"])
+def test_shipped_2d_configs_load_and_build_their_transforms(name, tmp_path):
+    from byol3d.train import build_transforms
+
+    cfg = load_config(f"configs/{name}.yaml", [f"data.root={tmp_path}"])
+    assert cfg["data"]["spatial_dims"] == 2 and cfg["data"]["in_channels"] == 3
+    assert cfg["transforms"]["solarize_prob"] == [0.0, 0.2]
+    assert cfg["transforms"]["blur_prob"] == [1.0, 0.1]
+    assert cfg["transforms"]["scale"] == [0.08, 1.0]
+    _, views = build_transforms(cfg)
+    roi = cfg["transforms"]["roi_size"]
+    out = views({"image": torch.randint(0, 256, (3, roi[0] + 16, roi[1] + 8), dtype=torch.uint8)})
+    assert tuple(out["view1"].shape) == (3, *roi) and out["view2"].dtype == torch.float32
