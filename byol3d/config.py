@@ -211,7 +211,7 @@ OPTIONS: dict[str, Option] = {
     "train.amp": Option(
         "auto",
         (str,),
-        "autocast: auto (bf16 on GPUs and CPUs with native bf16, fp16 on older GPUs, else off), bf16, fp16, none",
+        "autocast: auto (bf16 on GPUs that support it, else fp16; off on CPU), bf16, fp16, none",
         ("auto", "bf16", "fp16", "none"),
     ),
     "train.channels_last": Option(

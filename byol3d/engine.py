@@ -75,19 +75,11 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles), so autocast pays."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
-
-
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``amp`` on ``device`` (None: full precision).
 
-    ``auto`` gives bf16 on GPUs that support it, fp16 on older GPUs, bf16 on CPUs with native
-    bf16 instructions (AVX512-BF16 or AMX; see :func:`cpu_has_native_bf16`), and full precision
-    on other CPUs, where bf16 is emulated and slower. The loss and the collapse statistic are
-    always computed in float32.
+    ``auto`` gives bf16 on GPUs that support it, fp16 on older GPUs, and full precision on CPU
+    (CPU autocast only pays on CPUs with native bf16; ask for it with ``bf16``).
     """
     if amp == "none":
         return None
@@ -105,7 +97,7 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
                 if torch.cuda.get_device_capability(device)[0] >= 8
                 else torch.float16
             )
-        return torch.bfloat16 if device.type == "cpu" and cpu_has_native_bf16() else None
+        return None
     raise Byol3dError(f"invalid train.amp {amp!r}, must be one of auto, bf16, fp16, none")
 
 
