@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import locale
 import os
 from pathlib import Path
 
@@ -15,6 +16,14 @@ def _write_dicom_series(image: sitk.Image, folder: Path, uid: str, suffix: str =
     ``suffix=""`` gives suffix-less files, as many scanners write them.
     """
     folder.mkdir(parents=True, exist_ok=True)
+    saved_locale = locale.setlocale(locale.LC_ALL)  # GDCM's writer leaves LC_CTYPE at "C"
+    try:
+        return _write_slices(image, folder, uid, suffix)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved_locale)
+
+
+def _write_slices(image: sitk.Image, folder: Path, uid: str, suffix: str) -> Path:
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     d = image.GetDirection()
