@@ -375,3 +375,17 @@ def test_records_collate_to_tensors():
     assert batch["view1_flip"].shape == (3, 2) and batch["view1_flip"].dtype == torch.int64
     assert batch["view2_rot90"].shape == (3,)
     assert np.isin(batch["view2_rot90"].numpy(), [0, 1, 2, 3]).all()
+
+
+def test_dense_loss_under_bf16_autocast_is_finite_float32():
+    model = _model(1.0)
+    g1, g2 = _geometry(2)
+    x1, x2 = torch.randn(2, *SHAPE), torch.randn(2, *SHAPE)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, stats = model(x1, x2, return_stats=True, geometry1=g1, geometry2=g2)
+    assert stats["dense"].dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert all(
+        p.grad is not None and torch.isfinite(p.grad).all()
+        for p in model.dense_predictor.parameters()
+    )
