@@ -174,15 +174,14 @@ class HookedEncoder(nn.Module):
                 handle.remove()
         outs = []
         for name, store in zip(layers, captured, strict=True):
+            label = f"{'hidden_layer' if name == self.layer else 'dense_layer'} {name!r}"
             if not store:
                 raise RuntimeError(
-                    f"layer {name!r} was never called in the encoder's forward; "
+                    f"{label} was never called in the encoder's forward; "
                     "choose a layer that the forward pass runs (e.g. 'avgpool' or 'layer4')"
                 )
             if not isinstance(store[-1], torch.Tensor):
-                raise RuntimeError(
-                    f"layer {name!r} returned {type(store[-1]).__name__}, not a tensor"
-                )
+                raise RuntimeError(f"{label} returned {type(store[-1]).__name__}, not a tensor")
             outs.append(store[-1])
         return outs
 
