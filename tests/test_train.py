@@ -292,3 +292,17 @@ def test_pretrain_with_dense_term_logs_it_and_exports_the_same_encoder(phantoms,
     unet.encoder.load_state_dict(state, strict=True)
     epochs = list(csv.DictReader((out / "epochs.csv").open()))
     assert math.isfinite(float(epochs[0]["val_loss"]))
+
+
+def test_checkpoint_from_before_the_dense_keys_resumes(phantoms, tmp_path):
+    out = tmp_path / "old"
+    pretrain(tiny_config(phantoms, out, "train.max_epochs=1"))
+    path = out / "checkpoints" / "checkpoint_1.pt"
+    ckpt = weights(path)
+    for key in ("dense_weight", "dense_layer", "dense_grid"):  # as saved by an older byol3d
+        del ckpt["config"]["model"][key]
+    torch.save(ckpt, path)
+    resumed = pretrain(tiny_config(phantoms, out, "train.max_epochs=2"))
+    assert resumed.resumed_from == path and resumed.iterations == 4
+    with pytest.raises(ConfigError, match="model.dense_weight: 0.0 -> 1.0"):
+        pretrain(tiny_config(phantoms, out, "train.max_epochs=3", "model.dense_weight=1.0"))
