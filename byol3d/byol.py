@@ -18,16 +18,20 @@ Grill et al., "Bootstrap Your Own Latent", 2020 (arXiv 2006.07733):
 from __future__ import annotations
 
 import copy
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from byol3d.dense import DenseHead, dense_term
 from byol3d.networks import MLP, HookedEncoder
 
-__all__ = ["BYOL", "byol_loss", "collapse_std", "cosine_tau"]
+__all__ = ["BYOL", "byol_loss", "collapse_std", "cosine_tau", "dense_map_shape"]
+
+logger = logging.getLogger("byol3d")
 
 
 def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -69,6 +73,41 @@ def cosine_tau(step: int, total_steps: int, base_tau: float = 0.996) -> float:
 
 
 @torch.no_grad()
+def dense_map_shape(encoder: HookedEncoder, input_shape: Sequence[int]) -> tuple[int, ...]:
+    """``(channels, *spatial)`` of ``encoder.dense_layer``'s output for one input of ``input_shape``.
+
+    A dry run with batch size 1 in eval mode, as :meth:`HookedEncoder.feature_dim`.
+
+    Raises:
+        ValueError: when the layer's output is not a spatial map ``(B, C, *spatial)`` with the
+            input's number of spatial dimensions.
+    """
+    shape = tuple(int(s) for s in input_shape)
+    param = next(encoder.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        _, fmap = encoder.forward_with_map(torch.zeros((1, *shape), device=device))
+    finally:
+        encoder.train(was_training)
+    if fmap.ndim != len(shape) + 1:
+        raise ValueError(
+            f"dense_layer {encoder.dense_layer!r} gives outputs of shape {tuple(fmap.shape)}, not a "
+            f"{len(shape) - 1}D feature map; choose one of layer1, layer2, layer3, layer4"
+        )
+    if min(fmap.shape[2:]) < 4:
+        logger.warning(
+            "dense_layer %r is only %s for views of %s: too coarse for a local loss; an earlier "
+            "layer (e.g. layer2) or larger crops suit the dense term better",
+            encoder.dense_layer,
+            "x".join(map(str, fmap.shape[2:])),
+            "x".join(map(str, shape[1:])),
+        )
+    return tuple(fmap.shape[1:])
+
+
+@torch.no_grad()
 def collapse_std(z: torch.Tensor) -> torch.Tensor:
     """Collapse statistic: per-dimension std of l2-normalised projections, averaged, x sqrt(D).
 
@@ -92,10 +131,20 @@ class BYOL(nn.Module):
             a spatial layer such as ``"layer4"`` is global-average-pooled).
         projection_dim: output size of projector and predictor (paper: 256).
         hidden_dim: hidden size of projector and predictor (paper: 4096).
+        dense_weight: weight of the dense (local) BYOL term (:mod:`byol3d.dense`); 0.0 (the
+            default) turns it off, and then the module, its state_dict and its numbers are those
+            of plain BYOL. When > 0, :meth:`forward` needs each view's recorded geometry.
+        dense_layer: the encoder layer whose spatial output the dense term compares
+            (``"layer3"``, stride 16: 8^3 cells at 128^3 crops; prefer ``"layer2"`` for crops
+            under about 96 voxels a side).
+        dense_grid: points per axis sampled in each overlap (``dense_grid ** spatial_dims``
+            points per sample).
 
     Submodules: ``online_encoder``, ``online_projector``, ``predictor`` (trained) and
     ``target_encoder``, ``target_projector`` (``requires_grad=False``, updated only by
-    :meth:`update_target`). The target runs in the same train/eval mode as the whole module,
+    :meth:`update_target`). With ``dense_weight > 0`` also ``online_dense_projector``,
+    ``dense_predictor`` (:class:`byol3d.dense.DenseHead`, same widths as the global heads) and
+    ``target_dense_projector``, its EMA copy. The target runs in the same train/eval mode as the whole module,
     so in training its batch norm uses batch statistics, as in the paper's implementation.
     """
 
@@ -106,12 +155,29 @@ class BYOL(nn.Module):
         hidden_layer: str = "avgpool",
         projection_dim: int = 256,
         hidden_dim: int = 4096,
+        dense_weight: float = 0.0,
+        dense_layer: str = "layer3",
+        dense_grid: int = 4,
     ) -> None:
         super().__init__()
-        self.online_encoder = HookedEncoder(encoder, hidden_layer)
+        if not (isinstance(dense_weight, (int, float)) and 0.0 <= dense_weight < math.inf):
+            raise ValueError(f"invalid dense_weight {dense_weight!r}, must be a finite number >= 0")
+        if not isinstance(dense_grid, int) or isinstance(dense_grid, bool) or dense_grid < 1:
+            raise ValueError(f"invalid dense_grid {dense_grid!r}, must be a positive integer")
+        self.dense_weight = float(dense_weight)
+        self.dense_grid = dense_grid
+        self.online_encoder = HookedEncoder(
+            encoder, hidden_layer, dense_layer if self.dense_weight > 0 else None
+        )
         feature_dim = self.online_encoder.feature_dim(input_shape)
         self.online_projector = MLP(feature_dim, hidden_dim, projection_dim)
         self.predictor = MLP(projection_dim, hidden_dim, projection_dim)
+        if self.dense_weight > 0:
+            channels = dense_map_shape(self.online_encoder, input_shape)[0]
+            dims = len(input_shape) - 1
+            self.online_dense_projector = DenseHead(dims, channels, hidden_dim, projection_dim)
+            self.dense_predictor = DenseHead(dims, projection_dim, hidden_dim, projection_dim)
+            self.target_dense_projector = copy.deepcopy(self.online_dense_projector)
         self.target_encoder = copy.deepcopy(self.online_encoder)
         self.target_projector = copy.deepcopy(self.online_projector)
         for p in self._target_params():
@@ -124,14 +190,30 @@ class BYOL(nn.Module):
         """The online encoder network (what gets exported as ``encoder.pt``)."""
         return self.online_encoder.net
 
+    @property
+    def wants_geometry(self) -> bool:
+        """True when :meth:`forward` needs ``geometry1``/``geometry2`` (the dense term is on)."""
+        return self.dense_weight > 0
+
     def _online_params(self) -> list[torch.Tensor]:
-        return [*self.online_encoder.parameters(), *self.online_projector.parameters()]
+        params = [*self.online_encoder.parameters(), *self.online_projector.parameters()]
+        if self.dense_weight > 0:
+            params += list(self.online_dense_projector.parameters())
+        return params
 
     def _target_params(self) -> list[torch.Tensor]:
-        return [*self.target_encoder.parameters(), *self.target_projector.parameters()]
+        params = [*self.target_encoder.parameters(), *self.target_projector.parameters()]
+        if self.dense_weight > 0:
+            params += list(self.target_dense_projector.parameters())
+        return params
 
     def forward(
-        self, view1: torch.Tensor, view2: torch.Tensor, return_stats: bool = False
+        self,
+        view1: torch.Tensor,
+        view2: torch.Tensor,
+        return_stats: bool = False,
+        geometry1: Mapping[str, torch.Tensor] | None = None,
+        geometry2: Mapping[str, torch.Tensor] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Symmetric BYOL loss of two batches of views of the same images.
 
@@ -141,10 +223,15 @@ class BYOL(nn.Module):
         Args:
             view1, view2: ``(B, C, *spatial)`` tensors of equal shape, row i of each being two
                 augmentations of sample i.
-            return_stats: also return ``{"collapse": collapse_std(online projections)}``.
+            return_stats: also return ``{"collapse": collapse_std(online projections)}`` (and
+                ``"dense"``, the unweighted dense term, when it is on).
+            geometry1, geometry2: only with ``dense_weight > 0`` (then required): each view's
+                ``{"box": (B, spatial_dims, 2), "flip": (B, spatial_dims), "rot90": (B,)}`` as
+                recorded by the view transforms (:func:`byol3d.geometry.view_geometry`).
 
         Returns:
-            ``byol_loss(q(z1), z'2) + byol_loss(q(z2), z'1)``, a scalar in [0, 8].
+            ``byol_loss(q(z1), z'2) + byol_loss(q(z2), z'1)``, a scalar in [0, 8], plus
+            ``dense_weight`` times :func:`byol3d.dense.dense_term` when the dense term is on.
         """
         if view1.shape != view2.shape:
             raise ValueError(
@@ -152,6 +239,13 @@ class BYOL(nn.Module):
             )
         n = view1.shape[0]
         x = torch.cat([view1, view2], dim=0)
+        if self.dense_weight > 0:
+            if geometry1 is None or geometry2 is None:
+                raise ValueError(
+                    "dense_weight > 0: forward needs geometry1 and geometry2, each view's recorded "
+                    "box/flip/rot90 (see byol3d.geometry.view_geometry)"
+                )
+            return self._forward_dense(x, n, geometry1, geometry2, return_stats)
         z = self.online_projector(self.online_encoder(x))
         p = self.predictor(z)
         with torch.no_grad():
@@ -159,6 +253,21 @@ class BYOL(nn.Module):
         loss = byol_loss(p[:n], t[n:]) + byol_loss(p[n:], t[:n])
         if return_stats:
             return loss, {"collapse": collapse_std(z)}
+        return loss
+
+    def _forward_dense(self, x, n, geometry1, geometry2, return_stats):
+        h, fmap = self.online_encoder.forward_with_map(x)
+        z = self.online_projector(h)
+        p = self.predictor(z)
+        dense_p = self.dense_predictor(self.online_dense_projector(fmap))
+        with torch.no_grad():
+            th, tmap = self.target_encoder.forward_with_map(x)
+            t = self.target_projector(th)
+            dense_t = self.target_dense_projector(tmap)
+        dense = dense_term(dense_p, dense_t, geometry1, geometry2, grid=self.dense_grid)
+        loss = byol_loss(p[:n], t[n:]) + byol_loss(p[n:], t[:n]) + self.dense_weight * dense
+        if return_stats:
+            return loss, {"collapse": collapse_std(z), "dense": dense.detach()}
         return loss
 
     @torch.no_grad()

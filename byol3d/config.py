@@ -109,6 +109,16 @@ OPTIONS: dict[str, Option] = {
     ),
     "model.projection_dim": Option(256, (int,), "projector/predictor output size (paper: 256)"),
     "model.hidden_dim": Option(4096, (int,), "projector/predictor hidden size (paper: 4096)"),
+    "model.dense_weight": Option(
+        0.0, _num, "weight of the dense (local) BYOL term on the views' overlap; 0 = off"
+    ),
+    "model.dense_layer": Option(
+        "layer3",
+        (str,),
+        "encoder layer the dense term compares (layer2 for crops under ~96 voxels)",
+        ("layer1", "layer2", "layer3", "layer4"),
+    ),
+    "model.dense_grid": Option(4, (int,), "dense term: points per axis sampled in each overlap"),
     # transforms
     "transforms.roi_size": Option(
         [128, 128, 128], (list,), "crop size of each view, one entry per spatial dim, each >= 32"
@@ -470,6 +480,7 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
         "train.warmup_epochs",
         "data.num_workers",
         "train.tensorboard_views_every",
+        "model.dense_weight",
     ):
         if flat[key] < 0:
             raise _fail(key, flat[key], ">= 0")
@@ -483,6 +494,7 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
         "data.in_channels",
         "model.projection_dim",
         "model.hidden_dim",
+        "model.dense_grid",
     ):
         if flat[key] < 1:
             raise _fail(key, flat[key], ">= 1")

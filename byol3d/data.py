@@ -6,7 +6,7 @@
 >>> train, val = split_train_val(files, val_fraction=0.1, seed=0)  # doctest: +SKIP
 >>> ds = build_dataset(train, ct_preprocess(), view_transforms(), cache="cache")  # doctest: +SKIP
 >>> sorted(ds[0])                                            # doctest: +SKIP
-['view1', 'view1_box', 'view2', 'view2_box']
+['view1', 'view1_box', 'view1_flip', 'view1_rot90', 'view2', 'view2_box', 'view2_flip', 'view2_rot90']
 
 The deterministic preprocessing is what gets cached (in RAM with ``cache="cache"``, on disk
 with ``cache="persistent"``); the random views are drawn on top of the cached item at every

@@ -36,6 +36,7 @@ from torch import nn
 
 from byol3d.byol import cosine_tau
 from byol3d.errors import Byol3dError
+from byol3d.geometry import view_geometry
 
 __all__ = [
     "MetricsLogger",
@@ -110,6 +111,13 @@ def _to(
     return x if memory_format is None else x.contiguous(memory_format=memory_format)
 
 
+def _geometry_kwargs(model: nn.Module, batch: dict, keys: Sequence[str]) -> dict:
+    """``geometry1``/``geometry2`` for a model whose dense term needs the views' geometry, else {}."""
+    if not getattr(unwrap(model), "wants_geometry", False):
+        return {}
+    return {f"geometry{i}": view_geometry(batch, key) for i, key in enumerate(keys, start=1)}
+
+
 def create_trainer(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -134,12 +142,14 @@ def create_trainer(
         scaler: a GradScaler for fp16 (``None`` otherwise).
         accumulate_steps: iterations per optimizer step; the loss is divided accordingly.
         grad_clip: max gradient norm, or ``None``.
-        view_keys: the batch keys of the two views.
+        view_keys: the batch keys of the two views. When the model's dense term is on
+            (``model.wants_geometry``), the views' recorded ``{key}_box``, ``{key}_flip`` and
+            ``{key}_rot90`` are passed to it as ``geometry1``/``geometry2`` keyword arguments.
         memory_format: e.g. ``torch.channels_last_3d`` to match a channels-last model
             (``train.channels_last``); ``None`` leaves the batches as they come.
 
     The step output is ``{"loss": tensor, "collapse": tensor, "lr": float}`` (tensors 0-dim, detached, on device:
-    nothing here forces a host sync).
+    nothing here forces a host sync), plus ``"dense"`` (the unweighted dense term) when it is on.
     """
     if accumulate_steps < 1:
         raise ValueError(f"invalid accumulate_steps {accumulate_steps!r}, must be >= 1")
@@ -166,7 +176,9 @@ def create_trainer(
         )
         with sync():
             with autocast():
-                loss, stats = model(v1, v2, return_stats=True)
+                loss, stats = model(
+                    v1, v2, return_stats=True, **_geometry_kwargs(model, batch, view_keys)
+                )
             if loss.ndim:  # DataParallel gathers one loss per replica
                 loss, stats = loss.mean(), {k: v.mean() for k, v in stats.items()}
             scaled = loss / group
@@ -191,7 +203,10 @@ def create_trainer(
             if lr_scheduler is not None:
                 lr_scheduler.step()
         engine.state.optimizer_stepped = stepped
-        return {"loss": loss.detach(), "collapse": stats["collapse"], "lr": lr}
+        output = {"loss": loss.detach(), "collapse": stats["collapse"], "lr": lr}
+        if "dense" in stats:
+            output["dense"] = stats["dense"]
+        return output
 
     trainer = Engine(train_step)
     trainer.state.optimizer_stepped = False
@@ -267,13 +282,22 @@ class MetricsLogger:
         path: the CSV file; appended to when it exists (a resumed run), else created with a header.
         log_every: iterations between flushes (and host syncs).
         writer: an optional ``torch.utils.tensorboard.SummaryWriter``.
+        extra_columns: further tensors of the step output logged after ``collapse``, e.g.
+            ``("dense",)`` for the dense BYOL term.
     """
 
     COLUMNS = ("iteration", "epoch", "loss", "tau", "lr", "collapse")
 
-    def __init__(self, path: str | Path, log_every: int = 10, writer=None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        log_every: int = 10,
+        writer=None,
+        extra_columns: Sequence[str] = (),
+    ) -> None:
         if log_every < 1:
             raise ValueError(f"invalid log_every {log_every!r}, must be >= 1")
+        self.extra_columns = tuple(extra_columns)
         self.path = Path(path)
         self.log_every = log_every
         self.writer = writer
@@ -289,7 +313,8 @@ class MetricsLogger:
     def record(self, engine: Engine) -> None:
         out = engine.state.output
         self._rows.append((engine.state.iteration, engine.state.epoch, engine.state.tau, out["lr"]))
-        self._values.append(torch.stack([out["loss"].float(), out["collapse"].float()]))
+        names = ("loss", "collapse", *self.extra_columns)
+        self._values.append(torch.stack([out[name].float() for name in names]))
 
     def flush(self, engine: Engine) -> None:
         if not self._rows:
@@ -299,8 +324,8 @@ class MetricsLogger:
             values = idist.all_reduce(values) / idist.get_world_size()
         values = values.cpu().tolist()
         rows = [
-            (it, ep, loss, tau, lr, col)
-            for (it, ep, tau, lr), (loss, col) in zip(self._rows, values)
+            (it, ep, loss, tau, lr, col, *extra)
+            for (it, ep, tau, lr), (loss, col, *extra) in zip(self._rows, values)
         ]
         self._rows, self._values = [], []
         if idist.get_rank() == 0:
@@ -308,11 +333,13 @@ class MetricsLogger:
             with self.path.open("a", newline="") as f:
                 writer = csv.writer(f)
                 if new:
-                    writer.writerow(self.COLUMNS)
+                    writer.writerow(self.COLUMNS + self.extra_columns)
                 writer.writerows(rows)
         if self.writer is not None:
-            for it, _ep, loss, tau, lr, col in rows:
+            for it, _ep, loss, tau, lr, col, *extra in rows:
                 for name, value in (("loss", loss), ("tau", tau), ("lr", lr), ("collapse", col)):
+                    self.writer.add_scalar(f"train/{name}", value, it)
+                for name, value in zip(self.extra_columns, extra):
                     self.writer.add_scalar(f"train/{name}", value, it)
         bad = next((r for r in rows if not math.isfinite(r[2])), None)
         if bad is not None:
@@ -320,8 +347,9 @@ class MetricsLogger:
                 f"loss became {bad[2]} at iteration {bad[0]} (epoch {bad[1]}); stopped. The checkpoints "
                 "written before it are intact; try a lower train.lr, train.amp=none or train.grad_clip"
             )
-        it, ep, loss, tau, lr, col = rows[-1]
+        it, ep, loss, tau, lr, col, *extra = rows[-1]
         engine.state.metrics.update({"loss": loss, "collapse": col, "tau": tau, "lr": lr})
+        engine.state.metrics.update(zip(self.extra_columns, extra))
 
 
 def create_evaluator(
@@ -346,7 +374,7 @@ def create_evaluator(
             if amp_dtype
             else contextlib.nullcontext()
         ):
-            return model(v1, v2).float()
+            return model(v1, v2, **_geometry_kwargs(model, batch, view_keys)).float()
 
     evaluator = Engine(eval_step)
     Average().attach(evaluator, "loss")

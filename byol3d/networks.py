@@ -128,48 +128,87 @@ class HookedEncoder(nn.Module):
         net: the encoder, e.g. from :func:`build_encoder`. It is stored as ``self.net``, so a
             state_dict key ``net.conv1.weight`` belongs to ``net``'s ``conv1.weight``.
         layer: a name from ``dict(net.named_modules())``; ``"avgpool"`` by default.
+        dense_layer: optionally a second layer whose spatial output
+            :meth:`forward_with_map` returns next to the representation, from the same
+            forward pass (dense BYOL, :mod:`byol3d.dense`). It adds no parameters.
 
     Raises:
-        ValueError: when ``layer`` is not a submodule of ``net`` (the message lists the
-            top-level names).
+        ValueError: when ``layer`` or ``dense_layer`` is not a submodule of ``net`` (the
+            message lists the top-level names).
     """
 
-    def __init__(self, net: nn.Module, layer: str = "avgpool") -> None:
+    def __init__(
+        self, net: nn.Module, layer: str = "avgpool", dense_layer: str | None = None
+    ) -> None:
         super().__init__()
         names = dict(net.named_modules())
-        if not layer or layer not in names:
-            top = ", ".join(name for name, _ in net.named_children())
-            raise ValueError(
-                f"invalid hidden_layer {layer!r}: not a layer of the encoder; its layers are {top}"
-            )
+        for arg, value in (("hidden_layer", layer), ("dense_layer", dense_layer)):
+            if (arg == "hidden_layer" or value is not None) and (not value or value not in names):
+                top = ", ".join(name for name, _ in net.named_children())
+                raise ValueError(
+                    f"invalid {arg} {value!r}: not a layer of the encoder; its layers are {top}"
+                )
         self.net = net
         self.layer = layer
+        self.dense_layer = dense_layer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        captured: list[torch.Tensor] = []
-        module = self.net.get_submodule(self.layer)
-        # DataParallel replicas share the hook dict of the original module: keep only this
-        # replica's own output
-        handle = module.register_forward_hook(
-            lambda m, _i, out: captured.append(out) if m is module else None
-        )
+    def _capture(self, x: torch.Tensor, layers: Sequence[str]) -> list[torch.Tensor]:
+        """One forward of ``net``; the outputs of ``layers`` (hooks removed afterwards)."""
+        modules = [self.net.get_submodule(name) for name in layers]
+        captured: list[list[torch.Tensor]] = [[] for _ in layers]
+        handles = []
+        for module, store in zip(modules, captured, strict=True):
+            # DataParallel replicas share the hook dict of the original module: keep only this
+            # replica's own output
+            handles.append(
+                module.register_forward_hook(
+                    lambda m, _i, out, module=module, store=store: (
+                        store.append(out) if m is module else None
+                    )
+                )
+            )
         try:
             self.net(x)
         finally:
-            handle.remove()
-        if not captured:
-            raise RuntimeError(
-                f"hidden_layer {self.layer!r} was never called in the encoder's forward; "
-                "choose a layer that the forward pass runs (e.g. 'avgpool' or 'layer4')"
-            )
-        out = captured[-1]
-        if not isinstance(out, torch.Tensor):
-            raise RuntimeError(
-                f"hidden_layer {self.layer!r} returned {type(out).__name__}, not a tensor"
-            )
+            for handle in handles:
+                handle.remove()
+        outs = []
+        for name, store in zip(layers, captured, strict=True):
+            label = f"{'hidden_layer' if name == self.layer else 'dense_layer'} {name!r}"
+            if not store:
+                raise RuntimeError(
+                    f"{label} was never called in the encoder's forward; "
+                    "choose a layer that the forward pass runs (e.g. 'avgpool' or 'layer4')"
+                )
+            if not isinstance(store[-1], torch.Tensor):
+                raise RuntimeError(f"{label} returned {type(store[-1]).__name__}, not a tensor")
+            outs.append(store[-1])
+        return outs
+
+    @staticmethod
+    def _pool(out: torch.Tensor) -> torch.Tensor:
         if out.ndim > 2:
             out = out.mean(dim=tuple(range(2, out.ndim)))
         return out.flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._pool(self._capture(x, [self.layer])[0])
+
+    def forward_with_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass giving the representation and the ``dense_layer`` feature map.
+
+        Returns:
+            ``(representation (B, features), feature map (B, C, *spatial))``.
+
+        Raises:
+            ValueError: when the encoder was built without a ``dense_layer``.
+        """
+        if self.dense_layer is None:
+            raise ValueError(
+                "forward_with_map needs a dense_layer (HookedEncoder(..., dense_layer=...))"
+            )
+        rep, fmap = self._capture(x, [self.layer, self.dense_layer])
+        return self._pool(rep), fmap
 
     @torch.no_grad()
     def feature_dim(self, input_shape: Sequence[int]) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from byol3d.config import flatten
+from byol3d.config import OPTIONS, flatten
 from byol3d.errors import CheckpointError
 
 __all__ = [
@@ -91,6 +91,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     a, b = flatten(old), flatten(new)
+    # a key added to byol3d after the old run was saved counts as its default there
+    a.update({k: OPTIONS[k].default for k in b if k not in a and k in OPTIONS})
     return [
         f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
         for k in sorted(set(a) | set(b))

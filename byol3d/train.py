@@ -188,6 +188,9 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
             hidden_layer=model_cfg["hidden_layer"],
             projection_dim=model_cfg["projection_dim"],
             hidden_dim=model_cfg["hidden_dim"],
+            dense_weight=model_cfg["dense_weight"],
+            dense_layer=model_cfg["dense_layer"],
+            dense_grid=model_cfg["dense_grid"],
         )
     except ValueError as err:  # an unknown hidden_layer, a roi_size the encoder cannot take
         raise ConfigError(f"model.hidden_layer / transforms.roi_size: {err}") from err
@@ -311,9 +314,12 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         )
     TargetUpdate(model, base_tau=train_cfg["base_tau"]).attach(trainer)
     writer = _tensorboard_writer(train_cfg["tensorboard"] and is_main(), out / "tensorboard")
-    MetricsLogger(out / "metrics.csv", log_every=train_cfg["log_every"], writer=writer).attach(
-        trainer
-    )
+    MetricsLogger(
+        out / "metrics.csv",
+        log_every=train_cfg["log_every"],
+        writer=writer,
+        extra_columns=("dense",) if model_cfg["dense_weight"] > 0 else (),
+    ).attach(trainer)
     views_every = train_cfg["tensorboard_views_every"]
     if writer is not None and views_every > 0:
         trainer.add_event_handler(

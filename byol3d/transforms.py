@@ -37,10 +37,8 @@ from monai.transforms import (
     OneOf,
     Orientationd,
     RandAdjustContrastd,
-    RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
-    RandRotate90d,
     RandScaleIntensityd,
     RandShiftIntensityd,
     ScaleIntensityRanged,
@@ -49,6 +47,7 @@ from monai.transforms import (
 )
 
 from byol3d.crops import RandResizedCropd, ShareItemsd, check_range, check_roi
+from byol3d.geometry import RecordedRandFlipd, RecordedRandRotate90d
 from byol3d.readers import ValidateImaged, filename_of, find_data_error, image_loader
 
 __all__ = ["PreprocessCompose", "RandResizedCropd", "ct_preprocess", "view_transforms"]
@@ -264,9 +263,12 @@ def view_transforms(
 
     1. :class:`RandResizedCropd` to ``roi_size`` (``scale``, ``ratio``) - BYOL's main
        augmentation; its box is kept under ``"<view>_box"``.
-    2. ``RandFlipd`` on each spatial axis separately (``flip_prob`` each).
+    2. ``RandFlipd`` on each spatial axis separately (``flip_prob`` each), recorded under
+       ``"<view>_flip"`` (:class:`byol3d.geometry.RecordedRandFlipd`).
     3. ``RandRotate90d`` by 90/180/270 degrees in the axial plane (``spatial_axes=(0, 1)``,
-       i.e. x-y after RAS orientation) with ``rotate90_prob``.
+       i.e. x-y after RAS orientation) with ``rotate90_prob``, recorded under ``"<view>_rot90"``
+       (:class:`byol3d.geometry.RecordedRandRotate90d`). With the box, flips and turns known,
+       every view voxel's source location is known (dense BYOL, :mod:`byol3d.dense`).
     4. ``RandAdjustContrastd`` gamma in ``gamma`` with ``gamma_prob`` (MONAI applies it to the
        min-max-normalised view, so it is well defined for any intensity range).
     5. Intensity jitter with ``intensity_prob`` - the paper's colour jitter (p=0.8): the
@@ -277,10 +279,10 @@ def view_transforms(
     7. ``RandGaussianNoised`` with std drawn in [0, ``noise_std``], with ``noise_prob`` (last,
        so blur does not remove it).
 
-    Finally the source key is deleted, so a sample holds only the views and their boxes,
+    Finally the source key is deleted, so a sample holds only the views and their geometry,
     and the views become float32 ``torch.Tensor`` (no metadata): they collate with
     ``monai.data.list_data_collate`` into ``{"view1": [B, C, *roi_size], "view1_box":
-    [B, spatial_dims, 2], ...}``.
+    [B, spatial_dims, 2], "view1_flip": [B, spatial_dims], "view1_rot90": [B], ...}``.
 
     Every ``*_prob`` is one probability for both views or a pair ``[view1, view2]``. The
     defaults follow BYOL's asymmetric recipe where it transfers to CT: blur 1.0 for view 1
@@ -355,8 +357,11 @@ def view_transforms(
         return Compose(
             [
                 RandResizedCropd(key, roi_size=roi, scale=scale, ratio=ratio),
-                *(RandFlipd(key, prob=p["flip_prob"], spatial_axis=axis) for axis in range(dims)),
-                RandRotate90d(key, prob=p["rotate90_prob"], max_k=3, spatial_axes=(0, 1)),
+                *(
+                    RecordedRandFlipd(key, prob=p["flip_prob"], spatial_axis=axis)
+                    for axis in range(dims)
+                ),
+                RecordedRandRotate90d(key, prob=p["rotate90_prob"], max_k=3, spatial_axes=(0, 1)),
                 RandAdjustContrastd(key, prob=p["gamma_prob"], gamma=gamma),
                 OneOf(
                     [jitter, Identityd(key)],

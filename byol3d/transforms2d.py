@@ -40,11 +40,11 @@ from monai.transforms import (
     EnsureTyped,
     MapTransform,
     NormalizeIntensityd,
-    RandFlipd,
 )
 
 from byol3d.crops import RandResizedCropd, check_range, check_roi
 from byol3d.frames import frame_loader
+from byol3d.geometry import RecordedRandFlipd
 from byol3d.photometric import RandColorJitterd, RandGaussianBlurd, RandGrayscaled, RandSolarized
 from byol3d.readers import ValidateImaged
 from byol3d.stats import compute_mean_std, config_mean_std
@@ -149,7 +149,7 @@ class _ToUnitd(MapTransform):
 
 #: The random ops of a view, in order, by name (what :func:`applied` reports).
 VIEW_OPS = {
-    "flip": RandFlipd,
+    "flip": RecordedRandFlipd,
     "colour_jitter": RandColorJitterd,
     "grayscale": RandGrayscaled,
     "blur": RandGaussianBlurd,
@@ -184,7 +184,8 @@ def frame_views(
 
     1. to float in [0, 1]; :class:`~byol3d.crops.RandResizedCropd` to ``roi_size``
        (``scale`` is the area fraction, BYOL 0.08-1.0; the box is kept as ``"<view>_box"``);
-    2. horizontal flip (``RandFlipd`` on spatial axis 0, the image's x) with ``flip_prob``;
+    2. horizontal flip (``RecordedRandFlipd`` on spatial axis 0, the image's x, recorded as
+       ``{view}_flip`` for the dense term) with ``flip_prob``;
     3. :class:`RandColorJitterd` with ``colour_jitter_prob`` (0.8; brightness 0.4,
        contrast 0.4, saturation 0.2, hue 0.1);
     4. :class:`RandGrayscaled` with ``grayscale_prob`` (0.2);
@@ -234,7 +235,7 @@ def frame_views(
             [
                 _ToUnitd(key),
                 RandResizedCropd(key, roi_size=roi, scale=scale, ratio=ratio),
-                RandFlipd(key, prob=p["flip_prob"], spatial_axis=0),
+                RecordedRandFlipd(key, prob=p["flip_prob"], spatial_axis=0),
                 RandColorJitterd(key, prob=p["colour_jitter_prob"], **jitter),
                 RandGrayscaled(key, prob=p["grayscale_prob"]),
                 RandGaussianBlurd(key, prob=p["blur_prob"], sigma=blur_sigma),

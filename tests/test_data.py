@@ -127,7 +127,10 @@ def test_every_cache_kind_gives_two_view_samples(tmp_path, cache):
     ds = build_dataset(files, pre, views, cache=cache, cache_dir=tmp_path / "cache", progress=False)
     assert len(ds) == 2
     sample = ds[1]
-    assert set(sample) == {"view1", "view2", "view1_box", "view2_box"}
+    assert set(sample) == {
+        *("view1", "view1_box", "view1_flip", "view1_rot90"),
+        *("view2", "view2_box", "view2_flip", "view2_rot90"),
+    }
     assert sample["view1"].shape == sample["view2"].shape == (1, *ROI)
     batch = next(iter(DataLoader(ds, batch_size=2)))
     assert batch["view1"].shape == (2, 1, *ROI) and batch["view1_box"].shape == (2, 3, 2)

@@ -275,3 +275,34 @@ def test_on_bad_file_skip_lists_bad_files_and_trains_on(phantoms, tmp_path):
         "truncated.nii.gz",
     ]
     assert all("\t" in line and line.split("\t")[1] for line in skipped)
+
+
+def test_pretrain_with_dense_term_logs_it_and_exports_the_same_encoder(phantoms, tmp_path):
+    out = tmp_path / "dense"
+    result = pretrain(
+        tiny_config(phantoms, out, "model.dense_weight=1.0", "model.dense_layer=layer2")
+    )
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert len(rows) == result.iterations == 2
+    assert all(0 < float(r["dense"]) < float(r["loss"]) for r in rows)
+    ckpt = weights(result.checkpoint)
+    assert any(k.startswith("target_dense_projector.") for k in ckpt["model"])
+    state = weights(result.encoder_path)  # only the encoder: the dense heads stay behind
+    unet = FlexibleUNet(in_channels=1, out_channels=3, backbone="resnet10", spatial_dims=3)
+    unet.encoder.load_state_dict(state, strict=True)
+    epochs = list(csv.DictReader((out / "epochs.csv").open()))
+    assert math.isfinite(float(epochs[0]["val_loss"]))
+
+
+def test_checkpoint_from_before_the_dense_keys_resumes(phantoms, tmp_path):
+    out = tmp_path / "old"
+    pretrain(tiny_config(phantoms, out, "train.max_epochs=1"))
+    path = out / "checkpoints" / "checkpoint_1.pt"
+    ckpt = weights(path)
+    for key in ("dense_weight", "dense_layer", "dense_grid"):  # as saved by an older byol3d
+        del ckpt["config"]["model"][key]
+    torch.save(ckpt, path)
+    resumed = pretrain(tiny_config(phantoms, out, "train.max_epochs=2"))
+    assert resumed.resumed_from == path and resumed.iterations == 4
+    with pytest.raises(ConfigError, match="model.dense_weight: 0.0 -> 1.0"):
+        pretrain(tiny_config(phantoms, out, "train.max_epochs=3", "model.dense_weight=1.0"))

@@ -182,7 +182,10 @@ def test_views_have_roi_shape_and_differ():
     src = torch.rand(1, 24, 20, 16)
     before = src.clone()
     out = views({"image": src})
-    assert set(out) == {"view1", "view2", "view1_box", "view2_box"}
+    assert set(out) == {
+        *("view1", "view1_box", "view1_flip", "view1_rot90"),
+        *("view2", "view2_box", "view2_flip", "view2_rot90"),
+    }
     for k in ("view1", "view2"):
         assert type(out[k]) is torch.Tensor and out[k].dtype == torch.float32
         assert out[k].shape == (1, 12, 12, 12)
@@ -190,6 +193,7 @@ def test_views_have_roi_shape_and_differ():
     assert torch.equal(src, before)
     batch = list_data_collate([out, views({"image": src})])
     assert batch["view1"].shape == (2, 1, 12, 12, 12) and batch["view2_box"].shape == (2, 3, 2)
+    assert batch["view1_flip"].shape == (2, 3) and batch["view2_rot90"].shape == (2,)
 
 
 def test_view_random_states_are_independent_and_reproducible():

@@ -1,0 +1,226 @@
+"""View geometry: where each voxel of an augmented view came from in the source image.
+
+Dense (local) BYOL compares the two views' feature maps at corresponding locations, so the
+spatial transforms of a view must be known exactly. :class:`byol3d.crops.RandResizedCropd`
+records its crop box (``{key}_box``); the two transforms here record the flips and the
+90-degree rotations that follow it:
+
+* :class:`RecordedRandFlipd` - MONAI's ``RandFlipd`` that also stores ``{key}_flip``, an int64
+  array of shape ``(spatial_dims,)`` with 1 on each axis flipped an odd number of times;
+* :class:`RecordedRandRotate90d` - MONAI's ``RandRotate90d`` that also stores ``{key}_rot90``,
+  the number k in 0..3 of quarter turns applied in ``spatial_axes``.
+
+Both draw exactly the same random numbers as the MONAI transforms they extend (so seeded
+pipelines produce the same views as before) and their records collate into tensors
+(``(B, spatial_dims)`` and ``(B,)``). :func:`source_to_view` maps continuous source voxel
+coordinates into a view's normalised coordinates; :func:`overlap_points` samples a regular grid
+in the overlap of two crop boxes. Coordinates are continuous voxel-edge coordinates: voxel i
+of an axis spans [i, i + 1), its centre is i + 0.5; normalised coordinates are in [0, 1] over
+the view (0 the first edge, 1 the last), i.e. ``grid_sample``'s ``align_corners=False``
+convention after ``2 * u - 1``.
+
+>>> import torch
+>>> box = torch.tensor([[[10, 20], [0, 8]]])            # one 2D view: rows 10..19, columns 0..7
+>>> source_to_view(torch.tensor([[[15.0, 2.0]]]), box, torch.tensor([[0, 1]]))
+tensor([[[0.5000, 0.7500]]])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import RandFlipd, RandRotate90d
+
+__all__ = [
+    "RecordedRandFlipd",
+    "RecordedRandRotate90d",
+    "overlap_points",
+    "source_to_view",
+    "view_geometry",
+]
+
+
+def _spatial_dims(img: Any) -> int:
+    return len(img.shape) - 1  # channel first
+
+
+class RecordedRandFlipd(RandFlipd):
+    """``monai.transforms.RandFlipd`` that records the flips it applied as ``{key}_flip``.
+
+    The record is an int64 array of shape ``(spatial_dims,)``: entry a is 1 when spatial axis a
+    has been flipped an odd number of times by the recorded flips so far (several instances, one
+    per axis, update the same record). Same arguments and random draws as ``RandFlipd``.
+
+    Example:
+        >>> t = RecordedRandFlipd("img", prob=1.0, spatial_axis=1)
+        >>> t({"img": torch.zeros(1, 4, 5, 6)})["img_flip"]
+        array([0, 1, 0])
+    """
+
+    def __call__(
+        self, data: Mapping[Hashable, Any], lazy: bool | None = None
+    ) -> dict[Hashable, Any]:
+        d = super().__call__(data, lazy=lazy)
+        for key in self.key_iterator(d):
+            dims = _spatial_dims(d[key])
+            axes = self.flipper.spatial_axis
+            axes = range(dims) if axes is None else ([axes] if isinstance(axes, int) else axes)
+            record = np.array(d.get(f"{key}_flip", np.zeros(dims, dtype=np.int64)), dtype=np.int64)
+            if self._do_transform:
+                for axis in axes:
+                    record[axis % dims] ^= 1
+            d[f"{key}_flip"] = record
+        return d
+
+
+class RecordedRandRotate90d(RandRotate90d):
+    """``monai.transforms.RandRotate90d`` that records the quarter turns as ``{key}_rot90``.
+
+    The record is an int64 scalar k in 0..3: the image was rotated by ``torch.rot90(img, k,
+    spatial_axes)`` (k = 0 when the transform did not fire). A second recorded rotation on the
+    same key adds to k modulo 4 and must use the same ``spatial_axes``. Same arguments and random
+    draws as ``RandRotate90d``; :func:`source_to_view` assumes ``spatial_axes=(0, 1)`` unless
+    told otherwise.
+
+    Example:
+        >>> t = RecordedRandRotate90d("img", prob=1.0, max_k=1)
+        >>> int(t({"img": torch.zeros(1, 4, 4, 6)})["img_rot90"])
+        1
+    """
+
+    def __call__(
+        self, data: Mapping[Hashable, Any], lazy: bool | None = None
+    ) -> dict[Hashable, Any]:
+        d = super().__call__(data, lazy=lazy)
+        k = int(self._rand_k) if self._do_transform else 0
+        for key in self.key_iterator(d):
+            previous = int(d.get(f"{key}_rot90", 0))
+            d[f"{key}_rot90"] = np.int64((previous + k) % 4)
+        return d
+
+
+def _check_box(box: torch.Tensor) -> None:
+    if box.ndim != 3 or box.shape[-1] != 2 or box.shape[1] not in (2, 3):
+        raise ValueError(
+            f"box must have shape (batch, spatial_dims, 2) with spatial_dims 2 or 3, got {tuple(box.shape)}"
+        )
+
+
+def source_to_view(
+    points: torch.Tensor,
+    box: torch.Tensor,
+    flip: torch.Tensor | None = None,
+    rot90: torch.Tensor | None = None,
+    spatial_axes: Sequence[int] = (0, 1),
+) -> torch.Tensor:
+    """Map source voxel coordinates to a view's normalised coordinates, exactly.
+
+    The view was made by cropping ``box`` out of the source and resizing it (linear
+    interpolation with ``align_corners=False``, which scales edge coordinates exactly), then
+    flipping the axes marked in ``flip``, then rotating by ``torch.rot90(view, k, spatial_axes)``.
+    The same steps applied to coordinates: ``u = (x - start) / (stop - start)``; ``u -> 1 - u``
+    on flipped axes; each quarter turn maps ``(u_a, u_b) -> (1 - u_b, u_a)`` on the axes
+    ``(a, b) = spatial_axes``.
+
+    Args:
+        points: ``(B, P, spatial_dims)`` continuous source coordinates (voxel i spans [i, i+1)).
+        box: ``(B, spatial_dims, 2)`` crop boxes, ``[start, stop)`` per axis (``{view}_box``).
+        flip: ``(B, spatial_dims)`` 0/1 (``{view}_flip``); None: no flips.
+        rot90: ``(B,)`` quarter turns k (``{view}_rot90``); None: no rotation.
+        spatial_axes: the rotation plane, as given to ``RandRotate90d``.
+
+    Returns:
+        ``(B, P, spatial_dims)`` float32 coordinates in the view, 0..1 over each axis (outside
+        [0, 1] for points outside the box). ``grid_sample(view, (2 * u - 1).flip(-1), align_corners=False)``
+        reads the view at those points (grid_sample wants the last axis first).
+    """
+    _check_box(box)
+    dims = box.shape[1]
+    if points.ndim != 3 or points.shape[0] != box.shape[0] or points.shape[-1] != dims:
+        raise ValueError(
+            f"points must have shape (batch {box.shape[0]}, P, spatial_dims {dims}), got {tuple(points.shape)}"
+        )
+    box = box.to(points.device, torch.float32)
+    start, stop = box[..., 0].unsqueeze(1), box[..., 1].unsqueeze(1)
+    u = (points.float() - start) / (stop - start)
+    if flip is not None:
+        f = flip.to(points.device).reshape(box.shape[0], 1, dims).bool()
+        u = torch.where(f, 1.0 - u, u)
+    if rot90 is not None:
+        a, b = (int(s) % dims for s in spatial_axes)
+        if a == b:
+            raise ValueError(f"spatial_axes must name two different axes, got {spatial_axes!r}")
+        k = rot90.to(points.device).reshape(-1, 1) % 4
+        for turn in range(3):
+            ua, ub = u[..., a], u[..., b]
+            turned = u.clone()
+            turned[..., a], turned[..., b] = 1.0 - ub, ua
+            u = torch.where((k > turn).unsqueeze(-1), turned, u)
+    return u
+
+
+def overlap_points(
+    box1: torch.Tensor, box2: torch.Tensor, grid: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A regular ``grid``-per-axis set of points in the overlap of two crop boxes, per sample.
+
+    The points are the centres of a ``grid ** spatial_dims`` subdivision of the intersection
+    box (so they never lie on its border), in continuous source coordinates.
+
+    Args:
+        box1, box2: ``(B, spatial_dims, 2)`` ``[start, stop)`` boxes in the same source image.
+        grid: points per axis (>= 1).
+
+    Returns:
+        ``(points, valid)``: points ``(B, grid ** spatial_dims, spatial_dims)`` float32, and
+        valid ``(B,)`` bool, False where the boxes do not overlap (those rows hold finite
+        placeholder points that must be ignored).
+
+    >>> b1 = torch.tensor([[[0, 4], [0, 4]]]); b2 = torch.tensor([[[2, 6], [3, 9]]])
+    >>> pts, ok = overlap_points(b1, b2, grid=1)
+    >>> pts.tolist(), ok.tolist()
+    ([[[3.0, 3.5]]], [True])
+    """
+    _check_box(box1)
+    if box1.shape != box2.shape:
+        raise ValueError(
+            f"box1 and box2 differ in shape: {tuple(box1.shape)} and {tuple(box2.shape)}"
+        )
+    if not isinstance(grid, int) or isinstance(grid, bool) or grid < 1:
+        raise ValueError(f"invalid grid {grid!r}, must be a positive integer")
+    b1, b2 = box1.float(), box2.to(box1.device).float()
+    lo = torch.maximum(b1[..., 0], b2[..., 0])
+    hi = torch.minimum(b1[..., 1], b2[..., 1])
+    valid = (hi > lo).all(dim=1)
+    hi = torch.maximum(hi, lo)  # empty overlaps collapse to a point, still finite
+    dims = box1.shape[1]
+    steps = (torch.arange(grid, dtype=torch.float32, device=box1.device) + 0.5) / grid
+    frac = torch.stack(torch.meshgrid(*([steps] * dims), indexing="ij"), dim=-1).reshape(-1, dims)
+    points = lo.unsqueeze(1) + frac.unsqueeze(0) * (hi - lo).unsqueeze(1)
+    return points, valid
+
+
+def view_geometry(batch: Mapping[str, Any], view_key: str) -> dict[str, torch.Tensor]:
+    """The recorded geometry of one view in a collated batch: ``box``, ``flip`` and ``rot90``.
+
+    Reads ``{view_key}_box`` (required), ``{view_key}_flip`` (required: a pipeline that may flip
+    must record it with :class:`RecordedRandFlipd`, and one that never flips stores zeros) and
+    ``{view_key}_rot90`` (optional: absent means no rotation).
+
+    Raises:
+        KeyError: naming the missing key and the batch's keys.
+    """
+    geometry = {}
+    for name, required in (("box", True), ("flip", True), ("rot90", False)):
+        key = f"{view_key}_{name}"
+        if key in batch:
+            geometry[name] = torch.as_tensor(batch[key])
+        elif required:
+            raise KeyError(
+                f"dense BYOL needs {key!r} in every batch (recorded by RandResizedCropd / "
+                f"RecordedRandFlipd); the batch holds {sorted(batch)}"
+            )
+    return geometry
