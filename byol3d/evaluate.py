@@ -115,10 +115,14 @@ def _folds(labels: np.ndarray, folds: int) -> int:
 def _cv_accuracy(
     make_model, features: np.ndarray, labels: np.ndarray, folds: int, seed: int
 ) -> float:
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    """Accuracy of the out-of-fold predictions; ``make_model(train_labels)`` builds each fold's model."""
+    from sklearn.model_selection import StratifiedKFold
 
     cv = StratifiedKFold(n_splits=_folds(labels, folds), shuffle=True, random_state=seed)
-    pred = cross_val_predict(make_model(), features, labels, cv=cv)
+    pred = np.empty_like(labels)
+    for train, test in cv.split(features, labels):
+        model = make_model(labels[train]).fit(features[train], labels[train])
+        pred[test] = model.predict(features[test])
     return float(np.mean(pred == labels))
 
 
@@ -131,7 +135,8 @@ def linear_probe_accuracy(
 ) -> float:
     """Cross-validated accuracy of a logistic regression on standardised frozen features.
 
-    ``C`` is chosen per outer fold from ``c_grid`` by an inner stratified 3-fold CV on that
+    ``C`` is chosen per outer fold from ``c_grid`` by an inner stratified CV (3 folds, fewer
+    when a class has fewer training images; ``C = 1`` when a class has only one) on that
     fold's training part (``GridSearchCV``); the scaler is fitted on training parts only.
     """
     from sklearn.linear_model import LogisticRegression
@@ -141,9 +146,12 @@ def linear_probe_accuracy(
 
     labels = np.asarray(labels)
 
-    def make():
-        inner = StratifiedKFold(n_splits=3, shuffle=True, random_state=seed)
+    def make(train_labels: np.ndarray):
         probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+        smallest = int(np.unique(train_labels, return_counts=True)[1].min())
+        if smallest < 2:
+            return probe
+        inner = StratifiedKFold(n_splits=min(3, smallest), shuffle=True, random_state=seed)
         return GridSearchCV(probe, {"logisticregression__C": list(c_grid)}, cv=inner)
 
     return _cv_accuracy(make, np.asarray(features, dtype=np.float64), labels, folds, seed)
@@ -160,8 +168,9 @@ def knn_accuracy(
     if k < 1:
         raise ValueError(f"invalid k {k!r}, must be >= 1")
 
-    def make():
-        return make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=k, metric="cosine"))
+    def make(train_labels: np.ndarray):
+        n = min(k, len(train_labels))
+        return make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=n, metric="cosine"))
 
     return _cv_accuracy(
         make, np.asarray(features, dtype=np.float64), np.asarray(labels), folds, seed

@@ -195,7 +195,7 @@ def feature_maps(
         device: where to compute (default: the encoder's device).
 
     Returns:
-        ``{layer: (channels, *spatial / stride)}`` float32 CPU tensors.
+        ``{layer: (channels, *spatial // stride)}`` float32 CPU tensors (strides 4, 8, 16, 32).
     """
     from monai.inferers import sliding_window_inference
 
@@ -226,6 +226,8 @@ def feature_maps(
         )
     finally:
         net.train(was_training)
+    if isinstance(maps, torch.Tensor):  # MONAI unpacks a predictor's 1-tuple
+        maps = (maps,)
     return {name: m[0].float().as_tensor() if hasattr(m, "as_tensor") else m[0].float()
             for name, m in zip(layers, maps)}  # fmt: skip
 

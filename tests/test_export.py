@@ -34,7 +34,16 @@ def write_run(folder, name="resnet10", spatial_dims=3, in_channels=1, norm="batc
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-@pytest.mark.parametrize("name", ["resnet10", "resnet18", "resnet34", "resnet50", "resnet101"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "resnet10",
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        pytest.param("resnet101", marks=pytest.mark.slow),
+    ],
+)
 def test_export_loads_strictly_into_flexible_unet_and_monai_resnet(tmp_path, name, spatial_dims):
     enc = write_run(tmp_path / "run", name, spatial_dims)
     out = tmp_path / "fu.pt"
