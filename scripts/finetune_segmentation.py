@@ -244,29 +244,33 @@ def main(argv=None) -> int:
         return 2
     start = time.perf_counter()
     pre, check = joint_preprocess(ref), ref.preprocess
-    vols = []
-    for _id, image, label in pairs:
-        d = pre({"image": image, "label": label})
-        vol, lab = d["image"], d["label"].round().long()
-        if args.crop > min(vol.shape[1:]):
-            pad = SpatialPadd(["image", "label"], spatial_size=[args.crop] * ref.spatial_dims)
-            d = pad({"image": vol, "label": lab})
-            vol, lab = d["image"], d["label"]
-        vols.append((vol, lab))
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def volume(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image and label of pair ``i``, preprocessed once, when first needed."""
+        if i not in cache:
+            d = pre({"image": pairs[i][1], "label": pairs[i][2]})
+            if args.crop > min(d["image"].shape[1:]):
+                d = SpatialPadd(["image", "label"], spatial_size=[args.crop] * ref.spatial_dims)(d)
+            cache[i] = (d["image"], d["label"].round().long())
+        return cache[i]
+
     expected = check({"image": pairs[0][1]})["image"]
-    if tuple(expected.shape) != tuple(vols[0][0].shape) or not torch.allclose(expected.as_tensor(), vols[0][0], atol=1e-5):  # fmt: skip
+    got = pre({"image": pairs[0][1], "label": pairs[0][2]})["image"]
+    if tuple(expected.shape) != tuple(got.shape) or not torch.allclose(expected.as_tensor(), got, atol=1e-5):  # fmt: skip
         print("finetune_segmentation: error: the joint preprocessing differs from the run's", file=sys.stderr)  # fmt: skip
         return 2
-    pool, test = vols[: -args.test], vols[-args.test :]
+    n_pool = len(pairs) - args.test
+    test = [volume(i) for i in range(n_pool, len(pairs))]
     variants = ([] if args.no_scratch else ["scratch"]) + list(runs)
     args.output.mkdir(parents=True, exist_ok=True)
     records = []
     for seed in range(args.seeds):
         order = torch.randperm(
-            len(pool), generator=torch.Generator().manual_seed(1000 + seed)
+            n_pool, generator=torch.Generator().manual_seed(1000 + seed)
         ).tolist()
         for n in args.labelled:
-            train_vols = [pool[i] for i in order[:n]]
+            train_vols = [volume(i) for i in order[:n]]
             for v in variants:
                 t0 = time.perf_counter()
                 dice = train_and_test(v, runs.get(v), train_vols, test, ref, args, seed)
