@@ -26,7 +26,10 @@ __all__ = [
     "byol_loss",
     "collapse_std",
     "cosine_tau",
+    "extract_features",
     "load_config",
+    "load_encoder",
+    "load_into_flexible_unet",
     "pretrain",
 ]
 
@@ -37,4 +40,13 @@ def __getattr__(name: str):
         from byol3d.train import pretrain
 
         return pretrain
+    # evaluation and export pull in MONAI's inferers and FlexibleUNet: imported when asked for
+    if name in ("load_encoder", "extract_features"):
+        from byol3d import features
+
+        return getattr(features, name)
+    if name == "load_into_flexible_unet":
+        from byol3d.export import load_into_flexible_unet
+
+        return load_into_flexible_unet
     raise AttributeError(f"module 'byol3d' has no attribute {name!r}")

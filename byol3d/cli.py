@@ -7,6 +7,9 @@
     byol3d extract-frames VIDEOS OUT --every N every N-th frame of each video as JPEG (PyAV)
     byol3d preview CONFIG [KEY=VALUE ...]      the two augmented views of a few volumes (PNG)
     byol3d plot RUN_DIR                        training.png and summary.json of a run
+    byol3d extract RUN_DIR --data DIR --output OUT     embeddings (features.npy, index.csv)
+    byol3d export RUN_DIR --to flexible-unet --output FILE   weights for a MONAI network
+    byol3d evaluate RUN_DIR --csv LABELS.csv       linear probe and kNN, pretrained vs random
 
 Errors caused by input (config keys, data, checkpoints) print one line,
 ``byol3d: error: ...``, and exit with status 2.
@@ -120,6 +123,34 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plot", help="training.png and summary.json of a run (also while it runs)")
     pl.add_argument("run_dir", help="the run's output_dir")
     pl.add_argument("--output", default=None, help="PNG path (default RUN_DIR/training.png)")
+
+    ex = sub.add_parser("extract", help="embeddings of every image (features.npy + index.csv)")
+    ex.add_argument("run_dir", help="run directory, encoder.pt or checkpoint")
+    src = ex.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="folder searched recursively for images")
+    src.add_argument("--csv", help="CSV list with a path (or id) column, optional label")
+    ex.add_argument("--root", default=None, help="folder relative CSV paths start from")
+    ex.add_argument("--output", required=True, help="folder for features.npy and index.csv")
+    ex.add_argument(
+        "--layers", default=None, help="also write feature maps, e.g. layer1,layer2,layer3,layer4"
+    )
+    ex.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap")
+    ex.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
+
+    xp = sub.add_parser("export", help="encoder weights that load strictly into a MONAI network")
+    xp.add_argument("run_dir", help="run directory, encoder.pt or checkpoint")
+    xp.add_argument("--to", required=True, choices=("flexible-unet", "resnet"))
+    xp.add_argument("--backbone", default=None, help="architecture expected, e.g. resnet50")
+    xp.add_argument("--output", required=True, help="the .pt file to write")
+
+    ev = sub.add_parser("evaluate", help="linear probe and kNN accuracy, pretrained vs random")
+    ev.add_argument("run_dir", help="run directory, encoder.pt or checkpoint")
+    ev.add_argument("--csv", required=True, help="CSV with label and path (or id) columns")
+    ev.add_argument("--root", default=None, help="folder relative CSV paths start from")
+    ev.add_argument("--output", default=None, help="report folder (default RUN_DIR/evaluation)")
+    ev.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    ev.add_argument("--seeds", type=int, default=3, help="split seeds / random inits (default 3)")
+    ev.add_argument("--k", type=int, default=5, help="kNN neighbours (default 5)")
     return parser
 
 
@@ -276,6 +307,50 @@ def _demo_data(args: argparse.Namespace) -> None:
     )
 
 
+def _extract(args: argparse.Namespace) -> None:
+    from byol3d.features import extract_to_folder
+
+    layers = [x.strip() for x in args.layers.split(",") if x.strip()] if args.layers else None
+    feats, index = extract_to_folder(
+        args.run_dir,
+        args.output,
+        data=args.data,
+        csv=args.csv,
+        root=args.root,
+        layers=layers,
+        overlap=args.overlap,
+        device=args.device,
+    )
+    import numpy as np
+
+    shape = np.load(feats, mmap_mode="r").shape
+    print(f"byol3d: wrote {shape[0]} x {shape[1]} features to {feats} (rows: {index})")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from byol3d.export import export_encoder
+
+    report = export_encoder(args.run_dir, args.output, to=args.to, backbone=args.backbone)
+    print(f"byol3d: {report}")
+    print(f"  wrote {args.output} (load code and preprocessing in {args.output}.json)")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from byol3d.evaluate import evaluate_run, format_report
+
+    report = evaluate_run(
+        args.run_dir,
+        args.csv,
+        root=args.root,
+        output=args.output,
+        folds=args.folds,
+        seeds=args.seeds,
+        k=args.k,
+    )
+    print(format_report(report), end="")
+    print(f"byol3d: report in {report['output']}")
+
+
 def _one_line(err: Exception) -> str:
     """The message of ``err``; for one re-raised from a DataLoader worker (which carries the
     worker's traceback), the original message from its last line."""
@@ -310,6 +385,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "plot": _plot,
             "stats": _stats,
             "extract-frames": _extract_frames,
+            "extract": _extract,
+            "export": _export,
+            "evaluate": _evaluate,
         }
         commands[args.command](args)
     except Byol3dError as err:

@@ -258,6 +258,12 @@ OPTIONS: dict[str, Option] = {
         500, (int,), "iterations between view previews in TensorBoard (0: never)"
     ),
     "train.progress": Option(True, (bool,), "show a tqdm progress bar"),
+    "train.knn_csv": Option(
+        None,
+        (str, type(None)),
+        "labels CSV (path or id, label) for an online kNN accuracy in epochs.csv (null: off)",
+    ),
+    "train.knn_every": Option(1, (int,), "epochs between online kNN evaluations"),
     "train.tensorboard": Option(
         True, (bool,), "write TensorBoard scalars when tensorboard is installed"
     ),
@@ -495,6 +501,7 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
         "model.projection_dim",
         "model.hidden_dim",
         "model.dense_grid",
+        "train.knn_every",
     ):
         if flat[key] < 1:
             raise _fail(key, flat[key], ">= 1")

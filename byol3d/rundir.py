@@ -52,6 +52,8 @@ RESUMABLE_KEYS = frozenset(
         "train.tensorboard_views_every",
         "train.checkpoint_every",
         "train.keep_checkpoints",
+        "train.knn_csv",
+        "train.knn_every",
         "data.num_workers",
         "data.on_bad_file",
         "data.cache",

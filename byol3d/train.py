@@ -333,6 +333,12 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
             Events.STARTED, lambda e: e.state.metrics.setdefault("loss", float("nan"))
         )
         ProgressBar(persist=True).attach(trainer, metric_names=["loss"])
+    knn = bool(train_cfg["knn_csv"]) and is_main()
+    if knn:  # before the epoch log, which writes its result
+        from byol3d.monitor import KnnMonitor
+
+        KnnMonitor(unwrap(model).encoder, train_cfg["knn_csv"], preprocess, roi,
+                   every=train_cfg["knn_every"], device=device, writer=writer).attach(trainer)  # fmt: skip
     _attach_epoch_log(
         trainer,
         model,
@@ -343,6 +349,7 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         amp_dtype,
         cfg["seed"],
         writer,
+        knn=knn,
     )
 
     to_save = {
@@ -475,7 +482,16 @@ def _plot_and_summarize(out: Path) -> None:
 
 
 def _attach_epoch_log(
-    trainer: Engine, model, path: Path, val_loader, val_views, device, amp_dtype, seed: int, writer
+    trainer: Engine,
+    model,
+    path: Path,
+    val_loader,
+    val_views,
+    device,
+    amp_dtype,
+    seed: int,
+    writer,
+    knn: bool = False,
 ) -> None:
     """Per epoch: mean training loss, validation loss (fixed augmentations), wall time -> epochs.csv."""
     evaluator = (
@@ -513,9 +529,13 @@ def _attach_epoch_log(
             new = not path.exists()
             with path.open("a") as f:
                 if new:
-                    f.write("epoch,iteration,train_loss,val_loss,seconds\n")
+                    f.write(
+                        "epoch,iteration,train_loss,val_loss,seconds"
+                        + (",knn_acc\n" if knn else "\n")
+                    )
+                knn_acc = f",{engine.state.metrics.pop('knn_acc', float('nan')):.4f}" if knn else ""
                 f.write(
-                    f"{engine.state.epoch},{engine.state.iteration},{train_loss:.6f},{val_loss:.6f},{seconds:.2f}\n"
+                    f"{engine.state.epoch},{engine.state.iteration},{train_loss:.6f},{val_loss:.6f},{seconds:.2f}{knn_acc}\n"
                 )
         engine.state.metrics.update({"train_loss": train_loss, "val_loss": val_loss})
         if writer is not None:

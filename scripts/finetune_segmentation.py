@@ -1,0 +1,296 @@
+"""Label-efficient segmentation: FlexibleUNet with pretrained encoders vs from scratch.
+
+    byol3d demo-data data/eval_ct --n 48
+    byol3d pretrain configs/demo_ct.yaml data.root=data/eval_ct/images output_dir=runs/eval_global
+    python scripts/finetune_segmentation.py --data data/eval_ct --run global=runs/eval_global \
+        --output runs/seg_eval
+    python scripts/finetune_segmentation.py --data data/eval_ct --run global=runs/eval_global \
+        --run dense=runs/eval_dense --output runs/seg_eval          # several runs side by side
+    python scripts/finetune_segmentation.py ... --quick             # a smoke test (seconds)
+
+Protocol. ``--data`` is a folder with ``classes.csv`` whose ``segmentation`` column names a
+label volume per image (``byol3d demo-data`` writes one; labels 0..7, background 0). Images
+and labels get the runs' own preprocessing (orientation RAS, ``pixdim``, HU window, crop to
+the body, pad; labels resampled with nearest neighbour), checked to equal the pretraining
+preprocessing of the image. The last ``--test`` volumes (sorted by id) are a fixed test set;
+for each seed, ``n`` training volumes (``--labelled``, default 1 3 6) are drawn from the
+others, the same volumes for every variant. Each variant ("scratch" and one per ``--run``)
+builds ``FlexibleUNet(backbone=<run's encoder>)`` after ``torch.manual_seed(seed)``, loads the
+encoder with ``byol3d.load_into_flexible_unet`` (not for scratch), and trains all weights for
+``--iterations`` Adam steps (lr ``--lr``) on random ``--crop`` crops (batch ``--batch``) with
+``DiceCELoss``. The score is the Dice of each foreground label on the whole test volumes
+(sliding window), averaged over test volumes and then over labels.
+
+Outputs in ``--output``: ``results.csv`` (one row per variant, n and seed, with per-label
+Dice), ``summary.csv`` and ``summary.md`` (mean and std over seeds), ``dice_vs_labelled.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from monai.networks.nets import FlexibleUNet
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    Orientationd,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
+
+import byol3d
+from byol3d.errors import Byol3dError, DataError
+from byol3d.features import LoadedEncoder
+from byol3d.phantom import LABEL_NAMES
+from byol3d.readers import image_loader
+
+DECODER = (64, 32, 16, 16, 8)  # a small decoder: the encoder carries most of the capacity
+
+
+def joint_preprocess(enc: LoadedEncoder) -> Compose:
+    """The run's ``ct_preprocess`` applied to an image and its label map together."""
+    keys = ["image", "label"]
+    low, high = enc.hu_window
+    steps = [
+        image_loader(keys),
+        EnsureChannelFirstd(keys),
+        Orientationd(keys, axcodes="RAS"[: enc.spatial_dims], labels=None),
+    ]
+    if enc.pixdim is not None:
+        steps.append(
+            Spacingd(keys, pixdim=enc.pixdim, mode=("bilinear", "nearest"), dtype=np.float32)
+        )
+    steps.append(
+        ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
+    )
+    if enc.crop_foreground:
+        threshold = (enc.foreground_hu - low) / (high - low)
+        steps.append(CropForegroundd(keys, source_key="image", select_fn=lambda x: x > threshold, allow_smaller=True))  # fmt: skip
+    steps += [SpatialPadd(keys, spatial_size=enc.roi_size), EnsureTyped(keys, dtype=torch.float32, track_meta=False)]  # fmt: skip
+    return Compose(steps)
+
+
+def read_pairs(data: Path) -> list[tuple[str, str, str]]:
+    """``(id, image, label)`` of every row of ``data/classes.csv`` with a segmentation."""
+    table = data / "classes.csv"
+    if not table.is_file():
+        raise DataError(f"{str(table)!r} does not exist (write demo data with `byol3d demo-data`)")
+    with open(table, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    pairs = [(r.get("id") or r["path"], str(data / r["path"]), str(data / r["segmentation"]))
+             for r in rows if r.get("segmentation")]  # fmt: skip
+    if not pairs:
+        raise DataError(f"{str(table)!r} has no 'segmentation' column entries")
+    return sorted(pairs)
+
+
+def sample_crops(volumes, crop: int, batch: int, gen: torch.Generator):
+    """A batch of random ``crop``-sized boxes from randomly chosen (image, label) volumes."""
+    images, labels = [], []
+    for _ in range(batch):
+        image, label = volumes[int(torch.randint(len(volumes), (1,), generator=gen))]
+        start = [int(torch.randint(s - crop + 1, (1,), generator=gen)) for s in image.shape[1:]]
+        box = (slice(None), *(slice(s, s + crop) for s in start))
+        images.append(image[box])
+        labels.append(label[box])
+    return torch.stack(images), torch.stack(labels)
+
+
+def dice_per_label(pred: torch.Tensor, label: torch.Tensor, n_labels: int) -> np.ndarray:
+    """Dice of each foreground label (nan where both prediction and truth are empty)."""
+    out = np.full(n_labels - 1, np.nan)
+    for c in range(1, n_labels):
+        p, t = pred == c, label == c
+        denom = int(p.sum() + t.sum())
+        if denom:
+            out[c - 1] = 2.0 * int((p & t).sum()) / denom
+    return out
+
+
+def train_and_test(variant, source, train_vols, test_vols, enc, args, seed) -> np.ndarray:
+    torch.manual_seed(seed)
+    net = FlexibleUNet(enc.in_channels, args.n_labels, backbone=enc.name, spatial_dims=enc.spatial_dims,
+                       decoder_channels=DECODER, pretrained=False)  # fmt: skip
+    if source is not None:
+        report = byol3d.load_into_flexible_unet(net, source)
+        print(f"  {variant}: {report}", flush=True)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    gen = torch.Generator().manual_seed(seed)
+    net.train()
+    for _ in range(args.iterations):
+        x, y = sample_crops(train_vols, args.crop, args.batch, gen)
+        opt.zero_grad(set_to_none=True)
+        loss_fn(net(x), y).backward()
+        opt.step()
+    net.eval()
+    scores = []
+    with torch.no_grad():
+        for image, label in test_vols:
+            logits = sliding_window_inference(image[None], (args.infer_roi,) * enc.spatial_dims, 2, net, overlap=0.25)  # fmt: skip
+            scores.append(dice_per_label(logits.argmax(1)[0], label[0], args.n_labels))
+    return np.nanmean(np.stack(scores), axis=0)
+
+
+def write_outputs(out: Path, records: list[dict], labelled, variants) -> str:
+    with open(out / "results.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(records[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(records)
+    summary, lines = [], ["| variant | " + " | ".join(f"{n} labelled" for n in labelled) + " |",
+                          "|---|" + "---|" * len(labelled)]  # fmt: skip
+    for v in variants:
+        cells = []
+        for n in labelled:
+            d = [r["mean_dice"] for r in records if r["variant"] == v and r["labelled"] == n]
+            summary.append({"variant": v, "labelled": n, "mean": float(np.mean(d)), "std": float(np.std(d)), "seeds": len(d)})  # fmt: skip
+            cells.append(f"{np.mean(d):.3f} +- {np.std(d):.3f}")
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    with open(out / "summary.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(summary[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(summary)
+    table = "\n".join(lines) + "\n"
+    (out / "summary.md").write_text(table)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for i, v in enumerate(variants):
+        rows = [s for s in summary if s["variant"] == v]
+        x = np.array([s["labelled"] for s in rows], dtype=float) * (
+            1 + 0.03 * (i - len(variants) / 2)
+        )
+        ax.errorbar(x, [s["mean"] for s in rows], yerr=[s["std"] for s in rows], marker="o", capsize=3, label=v)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xticks(labelled, [str(n) for n in labelled])
+    ax.set_xlabel("labelled training volumes")
+    ax.set_ylabel("mean Dice over organs (test set)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "dice_vs_labelled.png", dpi=120)
+    plt.close(fig)
+    return table
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--data", required=True, type=Path, help="folder with classes.csv, images/, labels/"
+    )
+    p.add_argument(
+        "--run",
+        action="append",
+        default=[],
+        metavar="NAME=RUN_DIR",
+        help="a pretrained run (repeatable)",
+    )
+    p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--labelled", type=int, nargs="+", default=[1, 3, 6])
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument(
+        "--test", type=int, default=12, help="held-out test volumes (the last ones by id)"
+    )
+    p.add_argument("--iterations", type=int, default=80)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--crop", type=int, default=32, help="training crop (a multiple of 32)")
+    p.add_argument("--infer-roi", type=int, default=96, help="sliding-window size at test time (multiple of 32)")  # fmt: skip
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--n-labels", type=int, default=8, help="label values 0..N-1 (phantoms: 8)")
+    p.add_argument("--no-scratch", action="store_true", help="leave out the from-scratch baseline")
+    p.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 1 labelled volume, 3 iterations, 2 test volumes")  # fmt: skip
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds, args.labelled, args.iterations, args.test = 1, [1], 3, min(args.test, 2)
+    try:
+        runs = dict(item.split("=", 1) for item in args.run)
+        if not runs or any(not v for v in runs.values()):
+            raise DataError("give at least one --run NAME=RUN_DIR (the runs set the backbone and preprocessing)")  # fmt: skip
+        encs = {name: byol3d.load_encoder(path) for name, path in runs.items()}
+        ref = next(iter(encs.values()))
+        for name, enc in encs.items():
+            same = (
+                enc.name,
+                enc.roi_size,
+                enc.pixdim,
+                enc.hu_window,
+                enc.foreground_hu,
+                enc.crop_foreground,
+            )
+            if same != (ref.name, ref.roi_size, ref.pixdim, ref.hu_window, ref.foreground_hu, ref.crop_foreground):  # fmt: skip
+                raise DataError(f"run {name!r} differs from the first run in encoder or preprocessing: {same}")  # fmt: skip
+        if args.crop % 32 or args.infer_roi % 32:
+            raise DataError(f"--crop {args.crop} and --infer-roi {args.infer_roi} must be multiples of 32 (FlexibleUNet)")  # fmt: skip
+        pairs = read_pairs(args.data)
+        if args.test >= len(pairs) or max(args.labelled) > len(pairs) - args.test:
+            raise DataError(f"{len(pairs)} labelled volumes cannot hold {args.test} test + {max(args.labelled)} training volumes")  # fmt: skip
+    except (Byol3dError, ValueError) as err:
+        print(f"finetune_segmentation: error: {err}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    pre, check = joint_preprocess(ref), ref.preprocess
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def volume(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image and label of pair ``i``, preprocessed once, when first needed."""
+        if i not in cache:
+            d = pre({"image": pairs[i][1], "label": pairs[i][2]})
+            if args.crop > min(d["image"].shape[1:]):
+                d = SpatialPadd(["image", "label"], spatial_size=[args.crop] * ref.spatial_dims)(d)
+            cache[i] = (d["image"], d["label"].round().long())
+        return cache[i]
+
+    expected = check({"image": pairs[0][1]})["image"]
+    got = pre({"image": pairs[0][1], "label": pairs[0][2]})["image"]
+    if tuple(expected.shape) != tuple(got.shape) or not torch.allclose(expected.as_tensor(), got, atol=1e-5):  # fmt: skip
+        print("finetune_segmentation: error: the joint preprocessing differs from the run's", file=sys.stderr)  # fmt: skip
+        return 2
+    n_pool = len(pairs) - args.test
+    test = [volume(i) for i in range(n_pool, len(pairs))]
+    variants = ([] if args.no_scratch else ["scratch"]) + list(runs)
+    args.output.mkdir(parents=True, exist_ok=True)
+    records = []
+    for seed in range(args.seeds):
+        order = torch.randperm(
+            n_pool, generator=torch.Generator().manual_seed(1000 + seed)
+        ).tolist()
+        for n in args.labelled:
+            train_vols = [volume(i) for i in order[:n]]
+            for v in variants:
+                t0 = time.perf_counter()
+                dice = train_and_test(v, runs.get(v), train_vols, test, ref, args, seed)
+                rec = {
+                    "variant": v,
+                    "labelled": n,
+                    "seed": seed,
+                    "mean_dice": float(np.nanmean(dice)),
+                }
+                rec.update({LABEL_NAMES.get(c + 1, f"label_{c + 1}"): float(d) for c, d in enumerate(dice)})  # fmt: skip
+                records.append(rec)
+                print(f"seed {seed} n={n} {v}: mean Dice {rec['mean_dice']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
+    table = write_outputs(args.output, records, args.labelled, variants)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    settings["seconds"] = round(time.perf_counter() - start, 1)
+    (args.output / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    print(table, end="")
+    print(f"wrote results.csv, summary.csv, summary.md, dice_vs_labelled.png to {args.output} ({settings['seconds']} s)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

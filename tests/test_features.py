@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+import byol3d
+from byol3d.cli import main
+from byol3d.errors import CheckpointError
+from byol3d.features import extract_features, extract_to_folder, feature_maps, load_encoder
+from byol3d.phantom import write_demo_dataset
+from byol3d.train import build_transforms
+from tests.test_export import write_run
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantoms")
+    write_demo_dataset(root, n=6, shape=(40, 40, 32), spacing=(8.0, 8.0, 10.0), seed=0)
+    return root
+
+
+def test_load_encoder_keeps_the_run_settings(tmp_path):
+    enc = write_run(tmp_path / "run", "resnet18", spatial_dims=2, in_channels=3)
+    for source in (tmp_path / "run", tmp_path / "run" / "encoder.pt"):
+        loaded = byol3d.load_encoder(source)
+        assert (loaded.name, loaded.spatial_dims, loaded.in_channels, loaded.norm) == ("resnet18", 2, 3, "batch")  # fmt: skip
+        assert loaded.roi_size == (32, 32) and loaded.hu_window == (-1000.0, 1000.0)
+        assert loaded.pixdim is None and loaded.crop_foreground and loaded.foreground_hu == -500.0
+        assert not loaded.encoder.training
+        assert torch.equal(loaded.encoder.conv1.weight, enc.conv1.weight)
+
+
+def test_bare_encoder_without_config_is_refused(tmp_path):
+    torch.save(byol3d.build_encoder("resnet10", 3).state_dict(), tmp_path / "encoder.pt")
+    with pytest.raises(CheckpointError, match="no config.*config.yaml"):
+        load_encoder(tmp_path / "encoder.pt")
+
+
+def test_encoder_of_another_depth_than_its_config_names_both(tmp_path):
+    write_run(tmp_path / "run", "resnet10")
+    torch.save(byol3d.build_encoder("resnet18", 3).state_dict(), tmp_path / "run" / "encoder.pt")
+    with pytest.raises(CheckpointError, match="resnet18 .*resnet10"):
+        load_encoder(tmp_path / "run")
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_one_crop_embedding_is_the_encoders_avgpool_output(tmp_path, spatial_dims):
+    write_run(tmp_path / "run", "resnet10", spatial_dims=spatial_dims)
+    enc = load_encoder(tmp_path / "run")
+    x = torch.rand(1, *([32] * spatial_dims))
+    feats = extract_features(enc, [x])
+    assert feats.shape == (1, 512) and feats.dtype == np.float32
+    with torch.no_grad():
+        np.testing.assert_allclose(feats[0], enc(x[None])[0].numpy(), rtol=1e-5, atol=1e-6)
+    multi = extract_features(enc, x[None], layers=("layer1", "layer2", "layer3", "layer4"))
+    assert multi.shape == (1, 64 + 128 + 256 + 512)
+    np.testing.assert_allclose(multi[0, -512:], feats[0], rtol=1e-5, atol=1e-6)
+
+
+def test_large_volume_goes_through_sliding_windows():
+    net = byol3d.build_encoder("resnet10", 3).eval()
+    x = torch.rand(1, 70, 40, 33)
+    maps = feature_maps(net, x, roi_size=(32, 32, 32), overlap=0.25)
+    # the windows' maps are stitched at each layer's stride: spatial // 4 for layer1
+    assert maps["layer1"].shape == (64, 17, 10, 8) and maps["layer4"].shape[0] == 512
+    feats = extract_features(net, [x], roi_size=(32, 32, 32))
+    np.testing.assert_allclose(feats[0], maps["layer4"].flatten(1).mean(1).numpy(), rtol=1e-5)
+    assert net.training is False
+    with pytest.raises(ValueError, match="invalid layers"):
+        feature_maps(net, x, layers=("fc",), roi_size=(32, 32, 32))
+
+
+def test_extract_writes_features_and_index_with_the_pretraining_preprocessing(phantoms, tmp_path, capsys):  # fmt: skip
+    write_run(tmp_path / "run", "resnet10")
+    code = main(["extract", str(tmp_path / "run"), "--csv", str(phantoms / "classes.csv"),
+                 "--output", str(tmp_path / "out"), "--layers", "layer2,layer4"])  # fmt: skip
+    assert code == 0 and "6 x 512 features" in capsys.readouterr().out
+    feats = np.load(tmp_path / "out" / "features.npy")
+    assert feats.shape == (6, 512) and feats.dtype == np.float32
+    rows = list(csv.DictReader(open(tmp_path / "out" / "index.csv")))
+    assert [r["label"] for r in rows] == ["0", "1", "2", "0", "1", "2"]
+    assert rows[3]["path"].endswith("ct_003.nii.gz") and rows[3]["id"] == "ct_003"
+    enc = load_encoder(tmp_path / "run")
+    pre = build_transforms(enc.config)[0]
+    expected = extract_features(enc, [pre({"image": rows[3]["path"]})["image"]])
+    np.testing.assert_allclose(feats[3], expected[0], rtol=1e-5)
+    maps = np.load(tmp_path / "out" / "maps" / "000003.npz")
+    assert sorted(maps.files) == ["layer2", "layer4"] and maps["layer2"].shape[0] == 128
+
+    extract_to_folder(tmp_path / "run", tmp_path / "out2", data=phantoms / "images", progress=False)
+    np.testing.assert_allclose(np.load(tmp_path / "out2" / "features.npy"), feats, rtol=1e-5)
+
+
+def test_extract_without_input_or_with_a_bad_layer_is_an_error(phantoms, tmp_path, capsys):
+    write_run(tmp_path / "run", "resnet10")
+    code = main(["extract", str(tmp_path / "run"), "--data", str(phantoms / "images"),
+                 "--output", str(tmp_path / "o"), "--layers", "layer5"])  # fmt: skip
+    assert code == 2 and "invalid layer 'layer5'" in capsys.readouterr().err

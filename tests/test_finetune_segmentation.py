@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from byol3d.phantom import write_demo_dataset
+from tests.test_export import write_run
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "finetune_segmentation.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("finetune_segmentation", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dice_per_label_counts_overlap_exactly():
+    import torch
+
+    seg = load_script()
+    truth = torch.tensor([0, 1, 1, 1, 2, 2])
+    pred = torch.tensor([0, 1, 1, 2, 2, 0])
+    dice = seg.dice_per_label(pred, truth, n_labels=4)
+    # label 1: 2*2/(2+3); label 2: 2*1/(2+2); label 3 absent from both -> nan
+    assert dice[0] == pytest.approx(0.8) and dice[1] == pytest.approx(0.5)
+    assert dice[2] != dice[2]
+
+
+@pytest.mark.slow
+def test_quick_protocol_writes_tables_and_plot(tmp_path):
+    data = tmp_path / "data"
+    write_demo_dataset(data, n=4, shape=(40, 40, 32), spacing=(8.0, 8.0, 10.0), seed=0)
+    write_run(tmp_path / "run", "resnet10")
+    out = tmp_path / "seg"
+    seg = load_script()
+    code = seg.main(["--data", str(data), "--run", f"byol={tmp_path / 'run'}", "--output", str(out),
+                     "--quick", "--test", "1", "--infer-roi", "32"])  # fmt: skip
+    assert code == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["variant"], r["labelled"], r["seed"]) for r in rows] == [("scratch", "1", "0"), ("byol", "1", "0")]  # fmt: skip
+    assert all(0.0 <= float(r["mean_dice"]) <= 1.0 for r in rows) and "liver" in rows[0]
+    assert "| byol |" in (out / "summary.md").read_text()
+    assert (out / "dice_vs_labelled.png").stat().st_size > 0
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    write_run(tmp_path / "run", "resnet10")
+    seg = load_script()
+    assert seg.main(["--data", str(tmp_path), "--run", f"a={tmp_path / 'run'}", "--output", str(tmp_path / "o")]) == 2  # fmt: skip
+    assert "classes.csv" in capsys.readouterr().err
+    assert seg.main(["--data", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
+    assert "--run" in capsys.readouterr().err
