@@ -15,6 +15,7 @@ seeded ``DistributedSampler``. ``train.batch_size`` stays per process: the globa
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +43,13 @@ def wants_distributed(nproc_per_node: int | None) -> bool:
     return (nproc_per_node or 1) > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for the spawned processes' rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def launch(
     fn: Callable[..., Any],
     *args: Any,
@@ -52,7 +60,8 @@ def launch(
 
     Args:
         fn: called as ``fn(local_rank, *args)`` in each process.
-        nproc_per_node: processes to spawn on this machine; ``None`` under torchrun.
+        nproc_per_node: processes to spawn on this machine (rendezvous on a free local port,
+            or on ``MASTER_PORT`` when set); ``None`` under torchrun.
         backend: ``"nccl"`` for GPUs, ``"gloo"`` for CPU; default: nccl when CUDA is available.
     """
     if backend is None:
@@ -62,6 +71,9 @@ def launch(
         if nproc_per_node and "WORLD_SIZE" not in os.environ
         else {}
     )
+    if spawn and "MASTER_PORT" not in os.environ:
+        # a free port rather than ignite's fixed default, so two runs on one machine coexist
+        spawn.update(master_addr="127.0.0.1", master_port=free_port())
     with idist.Parallel(backend=backend, **spawn) as parallel:
         parallel.run(fn, *args)
 

@@ -60,6 +60,19 @@ def test_a_folder_of_frames_pretrains(frames, tmp_path):
     encoder.load_state_dict(torch.load(result.encoder_path, weights_only=True), strict=True)
 
 
+def test_frames_pretrain_with_the_dense_term(frames, tmp_path):
+    # the 2D views record their horizontal flips, so the local term finds its correspondences
+    extra = ["model.dense_weight=1.0", "model.dense_layer=layer1", "model.dense_grid=3"]
+    cfg = load_config(
+        None, [*TINY_2D, *extra, f"data.root={frames / 'images'}", f"output_dir={tmp_path}"]
+    )
+    result = pretrain(cfg)
+    metrics = _rows(tmp_path / "metrics.csv")
+    assert result.iterations == 3 and len(metrics) == 3
+    dense = [float(r["dense"]) for r in metrics]
+    assert all(0.0 < d <= 8.0 for d in dense)  # 2 - 2 cos per point, both directions
+
+
 def test_a_csv_list_pretrains_with_or_without_labels(frames, tmp_path):
     cfg = load_config(
         None,

@@ -56,11 +56,12 @@ def test_views_are_float32_normalised_tensors_that_differ(tmp_path):
     pre, views = frame_preprocess(), frame_views(roi_size=(32, 32))
     views.set_random_state(seed=0)
     out = views(pre({"image": path}))
-    assert set(out) == {"view1", "view2", "view1_box", "view2_box"}
+    assert set(out) == {"view1", "view2", "view1_box", "view2_box", "view1_flip", "view2_flip"}
     for key in ("view1", "view2"):
         assert type(out[key]) is torch.Tensor and out[key].dtype == torch.float32
         assert tuple(out[key].shape) == (3, 32, 32)
         assert out[f"{key}_box"].shape == (2, 2)
+        assert out[f"{key}_flip"].shape == (2,) and out[f"{key}_flip"][1] == 0  # horizontal only
     assert not torch.allclose(out["view1"], out["view2"])
 
 
