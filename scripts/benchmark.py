@@ -73,7 +73,7 @@ PRESETS = {
     "quick": dict(
         d3=("resnet10", 48, 4),
         d2=("resnet18", 96, 8),
-        iters=2,
+        iters=4,
         repeats=3,
         heads=(4096, 256),
         data=dict(
