@@ -73,11 +73,11 @@ PRESETS = {
     "quick": dict(
         d3=("resnet10", 48, 4),
         d2=("resnet18", 96, 8),
-        iters=4,
-        repeats=3,
+        iters=8,
+        repeats=5,
         heads=(4096, 256),
         data=dict(
-            n_volumes=8,
+            n_volumes=16,
             shape=(256, 256, 160),
             spacing=(0.8, 0.8, 1.25),
             pixdim=(1.5, 1.5, 1.5),
