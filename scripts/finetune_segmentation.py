@@ -206,7 +206,7 @@ def main(argv=None) -> int:
     p.add_argument(
         "--test", type=int, default=12, help="held-out test volumes (the last ones by id)"
     )
-    p.add_argument("--iterations", type=int, default=80)
+    p.add_argument("--iterations", type=int, default=300)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--crop", type=int, default=32, help="training crop (a multiple of 32)")
     p.add_argument("--infer-roi", type=int, default=96, help="sliding-window size at test time (multiple of 32)")  # fmt: skip
