@@ -23,7 +23,7 @@ import os
 import random
 import shutil
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ __all__ = [
     "estimate_cache_bytes",
     "find_images",
     "split_train_val",
+    "walk_visible",
 ]
 
 logger = logging.getLogger("byol3d")
@@ -77,6 +78,23 @@ def _is_dicom_folder(folder: str, names: Sequence[str]) -> bool:
     return False
 
 
+def walk_visible(root: PathLike) -> Iterator[tuple[str, list[str]]]:
+    """``(folder, sorted file names)`` for every folder under ``root``, in sorted order,
+    skipping hidden files and folders (``.name``).
+
+    Raises:
+        DataError: when ``root`` does not exist or is not a folder.
+    """
+    folder = Path(root).expanduser()
+    if not folder.exists():
+        raise DataError(f"data folder {root} does not exist")
+    if not folder.is_dir():
+        raise DataError(f"data folder {root} is not a directory")
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        yield dirpath, sorted(f for f in filenames if not f.startswith("."))
+
+
 def find_images(root: PathLike, dicom: bool = True) -> list[str]:
     """All images under ``root``, recursively, as a sorted list of paths.
 
@@ -96,16 +114,9 @@ def find_images(root: PathLike, dicom: bool = True) -> list[str]:
     Raises:
         DataError: when ``root`` does not exist, is not a folder, or holds no image.
     """
-    folder = Path(root).expanduser()
-    if not folder.exists():
-        raise DataError(f"data folder {root} does not exist")
-    if not folder.is_dir():
-        raise DataError(f"data folder {root} is not a directory")
     found: list[str] = []
     others: Counter[str] = Counter()
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        names = sorted(f for f in filenames if not f.startswith("."))
+    for dirpath, names in walk_visible(root):
         found += [os.path.join(dirpath, f) for f in names if _is_image(f)]
         rest = [f for f in names if not _is_image(f)]
         if dicom and rest and _is_dicom_folder(dirpath, rest):

@@ -33,6 +33,7 @@ from monai.transforms import LoadImaged
 from monai.utils import ensure_tuple
 from PIL import Image
 
+from byol3d.data import walk_visible
 from byol3d.errors import DataError
 
 __all__ = [
@@ -64,16 +65,10 @@ def find_frames(root: PathLike) -> list[str]:
             message counts the files it did find by suffix, and points videos to
             ``byol3d extract-frames``).
     """
-    folder = Path(root).expanduser()
-    if not folder.exists():
-        raise DataError(f"data folder {root} does not exist")
-    if not folder.is_dir():
-        raise DataError(f"data folder {root} is not a directory")
     found: list[str] = []
     others: Counter[str] = Counter()
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(f for f in filenames if not f.startswith(".")):
+    for dirpath, names in walk_visible(root):
+        for name in names:
             if name.lower().endswith(FRAME_SUFFIXES):
                 found.append(os.path.join(dirpath, name))
             else:
