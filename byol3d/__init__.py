@@ -7,10 +7,14 @@
 
 from __future__ import annotations
 
-from byol3d.byol import BYOL, byol_loss, collapse_std, cosine_tau
 from byol3d.config import load_config
 from byol3d.errors import Byol3dError, CheckpointError, ConfigError, DataError
-from byol3d.networks import MLP, HookedEncoder, build_encoder
+from byol3d.evaluation.export import load_into_flexible_unet
+from byol3d.evaluation.features import extract_features, load_encoder
+from byol3d.models.byol import BYOL, byol_loss, collapse_std, cosine_tau
+from byol3d.models.encoders import HookedEncoder, build_encoder
+from byol3d.models.heads import MLP
+from byol3d.training.pretrain import pretrain
 
 __version__ = "0.1.0"
 
@@ -32,21 +36,3 @@ __all__ = [
     "load_into_flexible_unet",
     "pretrain",
 ]
-
-
-def __getattr__(name: str):
-    # `pretrain` pulls in the data pipeline; import it only when asked for
-    if name == "pretrain":
-        from byol3d.train import pretrain
-
-        return pretrain
-    # evaluation and export pull in MONAI's inferers and FlexibleUNet: imported when asked for
-    if name in ("load_encoder", "extract_features"):
-        from byol3d import features
-
-        return getattr(features, name)
-    if name == "load_into_flexible_unet":
-        from byol3d.export import load_into_flexible_unet
-
-        return load_into_flexible_unet
-    raise AttributeError(f"module 'byol3d' has no attribute {name!r}")

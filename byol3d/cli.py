@@ -22,7 +22,21 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import numpy as np
+
+from byol3d.config import load_config
+from byol3d.data.synthetic_ct import write_demo_dataset
+from byol3d.data.synthetic_frames import write_endoscopy_dataset
+from byol3d.data.video import extract_video_folder
 from byol3d.errors import Byol3dError
+from byol3d.evaluation.export import export_encoder
+from byol3d.evaluation.features import extract_to_folder
+from byol3d.evaluation.probe import evaluate_run, format_report
+from byol3d.training.distributed import is_main, launch, wants_distributed
+from byol3d.training.pretrain import pretrain
+from byol3d.transforms import config_mean_std
+from byol3d.viz.plots import format_summary, plot_training, summarize_run
+from byol3d.viz.preview import preview_views
 
 __all__ = ["main"]
 
@@ -169,9 +183,6 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> None:
-    from byol3d.config import load_config
-    from byol3d.distributed import launch, wants_distributed
-    from byol3d.train import pretrain
 
     cfg = load_config(args.config, args.overrides)
     if not wants_distributed(args.nproc_per_node):
@@ -194,8 +205,6 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 def _rank_pretrain(_local_rank: int, cfg: dict, allow_config_change: bool, quiet: bool) -> None:
-    from byol3d.distributed import is_main
-    from byol3d.train import pretrain
 
     _setup_logging(quiet)  # spawned processes start with fresh logging
     try:
@@ -219,8 +228,6 @@ def _report(result) -> None:
 
 
 def _preview(args: argparse.Namespace) -> None:
-    from byol3d.config import load_config
-    from byol3d.preview import preview_views
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -231,7 +238,6 @@ def _preview(args: argparse.Namespace) -> None:
 
 
 def _plot(args: argparse.Namespace) -> None:
-    from byol3d.plots import format_summary, plot_training, summarize_run
 
     path = plot_training(args.run_dir, output=args.output)
     print(format_summary(summarize_run(args.run_dir)))
@@ -239,8 +245,6 @@ def _plot(args: argparse.Namespace) -> None:
 
 
 def _stats(args: argparse.Namespace) -> None:
-    from byol3d.config import load_config
-    from byol3d.stats import config_mean_std
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -257,7 +261,6 @@ def _stats(args: argparse.Namespace) -> None:
 
 
 def _extract_frames(args: argparse.Namespace) -> None:
-    from byol3d.video import extract_video_folder
 
     try:
         counts = extract_video_folder(
@@ -272,11 +275,8 @@ def _extract_frames(args: argparse.Namespace) -> None:
 
 
 def _demo_data(args: argparse.Namespace) -> None:
-    from byol3d.phantom import write_demo_dataset
 
     if args.kind == "endoscopy":
-        from byol3d.endoscopy import write_endoscopy_dataset
-
         try:
             frames = write_endoscopy_dataset(
                 args.output,
@@ -308,7 +308,6 @@ def _demo_data(args: argparse.Namespace) -> None:
 
 
 def _extract(args: argparse.Namespace) -> None:
-    from byol3d.features import extract_to_folder
 
     layers = [x.strip() for x in args.layers.split(",") if x.strip()] if args.layers else None
     feats, index = extract_to_folder(
@@ -321,14 +320,12 @@ def _extract(args: argparse.Namespace) -> None:
         overlap=args.overlap,
         device=args.device,
     )
-    import numpy as np
 
     shape = np.load(feats, mmap_mode="r").shape
     print(f"byol3d: wrote {shape[0]} x {shape[1]} features to {feats} (rows: {index})")
 
 
 def _export(args: argparse.Namespace) -> None:
-    from byol3d.export import export_encoder
 
     report = export_encoder(args.run_dir, args.output, to=args.to, backbone=args.backbone)
     print(f"byol3d: {report}")
@@ -336,7 +333,6 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from byol3d.evaluate import evaluate_run, format_report
 
     report = evaluate_run(
         args.run_dir,

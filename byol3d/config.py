@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from byol3d.errors import ConfigError
-from byol3d.networks import ENCODERS, NORMS
+from byol3d.models.encoders import ENCODERS, NORMS
 
 __all__ = [
     "OPTIONS",

@@ -23,3 +23,7 @@ class DataError(Byol3dError, ValueError):
 
 class CheckpointError(Byol3dError, ValueError):
     """A checkpoint or weight file that is missing, truncated or of another architecture."""
+
+
+class NonFiniteLossError(Byol3dError):
+    """The loss became NaN or Inf; the last checkpoint written before it is intact."""

@@ -17,10 +17,11 @@ import torch
 from torch import nn
 
 from byol3d import BYOL, build_encoder
-from byol3d.byol import cosine_tau
-from byol3d.engine import MetricsLogger, Reseed, TargetUpdate, create_trainer, resolve_amp
-from byol3d.optim import build_optimizer, warmup_cosine
-from byol3d.speed import apply_speed_options, memory_format
+from byol3d.models.byol import cosine_tau
+from byol3d.training.accel import apply_speed_options, memory_format
+from byol3d.training.engine import create_trainer, resolve_amp
+from byol3d.training.handlers import MetricsLogger, Reseed, TargetUpdate
+from byol3d.training.optim import build_optimizer, warmup_cosine
 
 
 @dataclass

@@ -48,8 +48,8 @@ from bench_steps import (  # noqa: E402
     make_batches,
 )
 
-from byol3d.engine import resolve_amp  # noqa: E402
-from byol3d.speed import memory_format, resolve_channels_last  # noqa: E402
+from byol3d.training.accel import memory_format, resolve_channels_last
+from byol3d.training.engine import resolve_amp
 
 PRESETS = {
     # (3D encoder, size, batch), (2D encoder, size, batch), iters, repeats, data settings
@@ -394,7 +394,7 @@ def _missing(module):
 def _switch(setup, **options):
     """byol3d's engine in fp32 with one more speed switch on."""
     run, amp_dtype = byol3d_engine(setup, "none", False)
-    from byol3d.speed import apply_speed_options
+    from byol3d.training.accel import apply_speed_options
 
     apply_speed_options(run.model, spatial_dims=setup.spatial_dims, **options)
     return run, amp_dtype

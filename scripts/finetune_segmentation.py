@@ -51,10 +51,10 @@ from monai.transforms import (
 )
 
 import byol3d
+from byol3d.data.readers import image_loader
+from byol3d.data.synthetic_ct import LABEL_NAMES
 from byol3d.errors import Byol3dError, DataError
-from byol3d.features import LoadedEncoder
-from byol3d.phantom import LABEL_NAMES
-from byol3d.readers import image_loader
+from byol3d.evaluation.features import LoadedEncoder
 
 DECODER = (64, 32, 16, 16, 8)  # a small decoder: the encoder carries most of the capacity
 

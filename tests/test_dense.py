@@ -11,21 +11,18 @@ from monai.data import list_data_collate
 from monai.transforms import RandFlipd, RandRotate90d
 from torch.utils.data import DataLoader
 
-from byol3d.byol import BYOL
 from byol3d.config import load_config
-from byol3d.dense import DenseHead, dense_byol_loss, dense_term, sample_map
-from byol3d.engine import MetricsLogger, TargetUpdate, create_evaluator, create_trainer
 from byol3d.errors import ConfigError
-from byol3d.geometry import (
-    RecordedRandFlipd,
-    RecordedRandRotate90d,
-    overlap_points,
-    source_to_view,
-    view_geometry,
-)
-from byol3d.networks import HookedEncoder, build_encoder
-from byol3d.rundir import config_changes
-from byol3d.transforms import view_transforms
+from byol3d.models.byol import BYOL
+from byol3d.models.correspondence import overlap_points, source_to_view
+from byol3d.models.dense import dense_byol_loss, dense_term, sample_map
+from byol3d.models.encoders import HookedEncoder, build_encoder
+from byol3d.models.heads import DenseHead
+from byol3d.training.checkpoint import config_changes
+from byol3d.training.engine import create_evaluator, create_trainer, view_geometry
+from byol3d.training.handlers import MetricsLogger, TargetUpdate
+from byol3d.transforms.ct import view_transforms
+from byol3d.transforms.geometry import RecordedRandFlipd, RecordedRandRotate90d
 
 NO_INTENSITY = {"intensity_prob": 0.0, "gamma_prob": 0.0, "noise_prob": 0.0, "blur_prob": 0.0}
 

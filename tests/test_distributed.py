@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from byol3d.phantom import write_demo_dataset
+from byol3d.data.synthetic_ct import write_demo_dataset
 
 TINY = [
     "model.encoder=resnet10", "model.hidden_dim=32", "model.projection_dim=16",

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from byol3d.cli import main
-from byol3d.endoscopy import CLASS_NAMES, endoscopy_frame, write_endoscopy_dataset
+from byol3d.data.synthetic_frames import CLASS_NAMES, endoscopy_frame, write_endoscopy_dataset
 
 
 def _centre(frame):

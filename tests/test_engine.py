@@ -9,17 +9,10 @@ from ignite.engine import Events
 from torch import nn
 
 from byol3d import BYOL, cosine_tau
-from byol3d.engine import (
-    MetricsLogger,
-    NonFiniteLossError,
-    Reseed,
-    TargetUpdate,
-    create_evaluator,
-    create_trainer,
-    optimizer_steps,
-    resolve_amp,
-)
-from byol3d.rundir import check_finite_weights
+from byol3d.errors import NonFiniteLossError
+from byol3d.training.checkpoint import check_finite_weights
+from byol3d.training.engine import create_evaluator, create_trainer, optimizer_steps, resolve_amp
+from byol3d.training.handlers import MetricsLogger, Reseed, TargetUpdate
 
 
 def tiny_model():

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from byol3d.cli import main
+from byol3d.data.discovery import read_image_csv
+from byol3d.data.synthetic_ct import write_demo_dataset
 from byol3d.errors import DataError
-from byol3d.evaluate import knn_accuracy, linear_probe_accuracy, read_image_csv
-from byol3d.monitor import loo_knn_accuracy
-from byol3d.phantom import write_demo_dataset
+from byol3d.evaluation.probe import knn_accuracy, linear_probe_accuracy, loo_knn_accuracy
 from tests.test_export import write_run
 
 
@@ -88,7 +88,7 @@ def test_evaluate_compares_with_random_encoders_of_the_run_seed_policy(phantoms,
 
 
 def test_online_knn_monitor_logs_to_epochs_csv(phantoms, tmp_path):
-    from byol3d.train import pretrain
+    from byol3d.training.pretrain import pretrain
     from tests.test_train import tiny_config
 
     cfg = tiny_config(phantoms / "images", tmp_path / "run", "train.max_epochs=2",

@@ -9,13 +9,13 @@ from monai.networks.nets.resnet import resnet_params
 from byol3d.cli import main
 from byol3d.config import default_config, dump_config
 from byol3d.errors import CheckpointError
-from byol3d.export import (
+from byol3d.evaluation.export import (
     export_encoder,
     infer_architecture,
     load_into_flexible_unet,
     strip_prefixes,
 )
-from byol3d.networks import build_encoder
+from byol3d.models.encoders import build_encoder
 
 
 def write_run(folder, name="resnet10", spatial_dims=3, in_channels=1, norm="batch", seed=0):
@@ -123,7 +123,7 @@ def test_known_prefixes_are_stripped_and_unknown_ones_fail(tmp_path):
 
 
 def test_training_checkpoint_gives_the_online_encoder(tmp_path):
-    from byol3d.byol import BYOL
+    from byol3d.models.byol import BYOL
 
     torch.manual_seed(1)
     model = BYOL(

@@ -8,10 +8,15 @@ import torch
 
 import byol3d
 from byol3d.cli import main
+from byol3d.data.synthetic_ct import write_demo_dataset
 from byol3d.errors import CheckpointError
-from byol3d.features import extract_features, extract_to_folder, feature_maps, load_encoder
-from byol3d.phantom import write_demo_dataset
-from byol3d.train import build_transforms
+from byol3d.evaluation.features import (
+    extract_features,
+    extract_to_folder,
+    feature_maps,
+    load_encoder,
+)
+from byol3d.transforms import build_transforms
 from tests.test_export import write_run
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from byol3d.phantom import write_demo_dataset
+from byol3d.data.synthetic_ct import write_demo_dataset
 from tests.test_export import write_run
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "finetune_segmentation.py"

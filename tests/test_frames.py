@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
+from byol3d.data.discovery import find_frames, list_images, read_image_list
+from byol3d.data.readers import frame_loader
 from byol3d.errors import DataError
-from byol3d.frames import find_frames, frame_loader, list_images, read_image_list
 
 
 def _png(path, mode="RGB", size=(20, 12), value=None):
@@ -141,7 +142,7 @@ def test_frame_loader_names_an_unreadable_file(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(Exception) as info:
         frame_loader("image")({"image": str(tmp_path / "bad.png")})
-    from byol3d.readers import find_data_error
+    from byol3d.data.readers import find_data_error
 
     err = find_data_error(info.value)
     assert err is not None and str(tmp_path / "bad.png") in str(err)

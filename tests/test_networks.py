@@ -7,7 +7,8 @@ import torch
 from monai.networks.nets import FlexibleUNet
 from torch import nn
 
-from byol3d.networks import MLP, HookedEncoder, build_encoder
+from byol3d.models.encoders import HookedEncoder, build_encoder
+from byol3d.models.heads import MLP
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])

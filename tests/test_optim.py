@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from byol3d.optim import LARS, build_optimizer, param_groups, warmup_cosine
+from byol3d.training.optim import LARS, build_optimizer, param_groups, warmup_cosine
 
 
 def small_net():

@@ -9,7 +9,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from byol3d.phantom import CLASS_NAMES, LABEL_NAMES, Phantom, make_phantom, write_demo_dataset
+from byol3d.data.synthetic_ct import (
+    CLASS_NAMES,
+    LABEL_NAMES,
+    Phantom,
+    make_phantom,
+    write_demo_dataset,
+)
 
 # Same field of view as the default (96, 96, 64) at (4, 4, 5) mm, at half the resolution.
 SMALL = {"shape": (48, 48, 32), "spacing": (8.0, 8.0, 10.0)}

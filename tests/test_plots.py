@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from byol3d.errors import DataError
-from byol3d.plots import format_summary, plot_training, read_csv, smooth, summarize_run
+from byol3d.viz.plots import format_summary, plot_training, read_csv, smooth, summarize_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from byol3d.config import load_config
-from byol3d.phantom import write_demo_dataset
-from byol3d.preview import display_slice, draw_views, preview_views, view_panels, views_figure
+from byol3d.data.synthetic_ct import write_demo_dataset
+from byol3d.viz.preview import display_slice, draw_views, preview_views, view_panels, views_figure
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # views without geometric or intensity augmentation: the whole image, as preprocessed

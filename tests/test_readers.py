@@ -9,8 +9,8 @@ import SimpleITK as sitk
 import torch
 from monai.transforms import Compose, EnsureChannelFirstd, Orientationd
 
+from byol3d.data.readers import SimpleITKReader, ValidateImaged, find_data_error, image_loader
 from byol3d.errors import DataError
-from byol3d.readers import SimpleITKReader, ValidateImaged, find_data_error, image_loader
 
 # a RAS affine with a flipped x axis and y/z swapped, anisotropic spacing
 AFFINE = np.array(

@@ -6,9 +6,7 @@ import pytest
 import torch
 
 from byol3d import BYOL, build_encoder
-from byol3d.crops import ShareItemsd
-from byol3d.engine import create_trainer
-from byol3d.speed import (
+from byol3d.training.accel import (
     CheckpointedSequential,
     apply_speed_options,
     compile_blocks,
@@ -17,7 +15,9 @@ from byol3d.speed import (
     memory_format,
     resolve_channels_last,
 )
-from byol3d.transforms import view_transforms
+from byol3d.training.engine import create_trainer
+from byol3d.transforms.crops import ShareItemsd
+from byol3d.transforms.ct import view_transforms
 
 
 def tiny_byol(spatial_dims=3):

@@ -11,10 +11,10 @@ from PIL import Image
 
 from byol3d.cli import main
 from byol3d.config import load_config
-from byol3d.endoscopy import write_endoscopy_dataset
+from byol3d.data.synthetic_frames import write_endoscopy_dataset
 from byol3d.errors import DataError
-from byol3d.networks import build_encoder
-from byol3d.train import pretrain
+from byol3d.models.encoders import build_encoder
+from byol3d.training.pretrain import pretrain
 
 TINY_2D = [
     "data.spatial_dims=2",
@@ -181,7 +181,7 @@ def test_stats_and_preview_commands_on_frames(frames, tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["endoscopy_resnet50", "demo_endoscopy"])
 def test_shipped_2d_configs_load_and_build_their_transforms(name, tmp_path):
-    from byol3d.train import build_transforms
+    from byol3d.transforms import build_transforms
 
     cfg = load_config(f"configs/{name}.yaml", [f"data.root={tmp_path}"])
     assert cfg["data"]["spatial_dims"] == 2 and cfg["data"]["in_channels"] == 3

@@ -11,7 +11,8 @@ from monai.data import list_data_collate
 from monai.transforms import Compose, RandFlipd, RandGaussianSmoothd
 
 from byol3d.errors import DataError
-from byol3d.transforms import RandResizedCropd, ct_preprocess, view_transforms
+from byol3d.transforms.crops import RandResizedCropd
+from byol3d.transforms.ct import ct_preprocess, view_transforms
 
 
 def _save(path, array, affine=None):

@@ -9,16 +9,21 @@ from monai.networks.layers import gaussian_1d
 from PIL import Image
 
 from byol3d.config import load_config
+from byol3d.data.stats import compute_mean_std
 from byol3d.errors import ConfigError
-from byol3d.photometric import RandColorJitterd, RandGaussianBlurd, RandGrayscaled, RandSolarized
-from byol3d.stats import compute_mean_std
-from byol3d.train import build_transforms
-from byol3d.transforms2d import (
+from byol3d.transforms import build_transforms
+from byol3d.transforms.frames import (
     ShortSideResized,
     applied,
     for_display,
     frame_preprocess,
     frame_views,
+)
+from byol3d.transforms.photometric import (
+    RandColorJitterd,
+    RandGaussianBlurd,
+    RandGrayscaled,
+    RandSolarized,
 )
 
 FRAME_2D = ["data.spatial_dims=2", "data.in_channels=3", "transforms.roi_size=[32,32]"]

@@ -5,12 +5,12 @@ import pytest
 from PIL import Image
 
 from byol3d.cli import main
+from byol3d.data.discovery import find_frames
 from byol3d.errors import DataError
-from byol3d.frames import find_frames
 
 av = pytest.importorskip("av")
 
-from byol3d.video import extract_frames, extract_video_folder  # noqa: E402
+from byol3d.data.video import extract_frames, extract_video_folder  # noqa: E402
 
 
 def _video(path, n=30, size=(64, 48)):

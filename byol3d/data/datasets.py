@@ -1,0 +1,334 @@
+"""Data: find the images under a folder, split them, and build a (cached) two-view dataset.
+
+>>> from byol3d.data import build_dataset, find_images, split_train_val
+>>> from byol3d.transforms import ct_preprocess, view_transforms
+>>> files = find_images("/data/ct")                          # doctest: +SKIP
+>>> train, val = split_train_val(files, val_fraction=0.1, seed=0)  # doctest: +SKIP
+>>> ds = build_dataset(train, ct_preprocess(), view_transforms(), cache="cache")  # doctest: +SKIP
+>>> sorted(ds[0])                                            # doctest: +SKIP
+['view1', 'view1_box', 'view1_flip', 'view1_rot90', 'view2', 'view2_box', 'view2_flip', 'view2_rot90']
+
+The deterministic preprocessing is what gets cached (in RAM with ``cache="cache"``, on disk
+with ``cache="persistent"``); the random views are drawn on top of the cached item at every
+access, by :class:`ViewDataset`, and never write into the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.config import PathLike
+from monai.data import CacheDataset, Dataset, PersistentDataset
+from monai.data.utils import json_hashing
+from monai.transforms import Compose, LoadImaged, Spacingd, SpatialPadd, apply_transform
+
+from byol3d.data.discovery import is_image
+from byol3d.data.readers import dicom_series_files, find_data_error
+from byol3d.errors import DataError
+
+logger = logging.getLogger("byol3d")
+
+
+#: Values of ``build_dataset(cache=...)``.
+CACHE_KINDS = ("none", "cache", "persistent")
+
+
+def _header_geometry(path: str) -> tuple[list[int], list[float], int]:
+    """(spatial shape, spacing, channels) of an image, from its header only."""
+    if is_image(path) and path.lower().endswith((".nii", ".nii.gz")):
+        img = nib.load(path)
+        shape = list(img.shape)
+        spacing = list(nib.affines.voxel_sizes(img.affine))
+        return shape[:3], spacing[: len(shape[:3])], int(np.prod(shape[3:], dtype=np.int64))
+    reader = sitk.ImageFileReader()
+    if os.path.isdir(path):
+        names = dicom_series_files(path)
+        reader.SetFileName(names[0])
+        reader.ReadImageInformation()
+        size, spacing = list(reader.GetSize()[:2]), list(reader.GetSpacing()[:2])
+        z = spacing[0]
+        if len(names) > 1:
+            origin = np.asarray(reader.GetOrigin())
+            reader.SetFileName(names[1])
+            reader.ReadImageInformation()
+            z = float(np.linalg.norm(np.asarray(reader.GetOrigin()) - origin)) or z
+        return [*size, len(names)], [*spacing, z], reader.GetNumberOfComponents()
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    size, spacing = list(reader.GetSize()), list(reader.GetSpacing())
+    channels = reader.GetNumberOfComponents() * int(np.prod(size[3:], dtype=np.int64))
+    return size[:3], spacing[:3], channels
+
+
+def estimate_cache_bytes(
+    files: Sequence[PathLike],
+    pixdim: Sequence[float] | None = None,
+    roi_size: Sequence[int] | None = None,
+) -> int:
+    """Upper bound of the memory (or disk) the preprocessed images take, in bytes.
+
+    Reads only the headers (nibabel, or SimpleITK ``ReadImageInformation``), then applies
+    the resampling to ``pixdim`` and the padding to ``roi_size`` to the shape, at 4 bytes a
+    voxel (float32). The foreground crop is not known before loading, hence an upper bound.
+
+    Args:
+        files: image paths or DICOM series folders.
+        pixdim: the target spacing of ``Spacingd``, or None for native spacing.
+        roi_size: the ``SpatialPadd`` size, or None.
+
+    Raises:
+        DataError: naming a file whose header cannot be read.
+    """
+    total = 0
+    for f in files:
+        path = str(f)
+        try:
+            shape, spacing, channels = _header_geometry(path)
+        except DataError:
+            raise
+        except Exception as err:
+            raise DataError(
+                f"cannot read the header of {path}: {str(err).strip().splitlines()[-1]}"
+            ) from err
+        if pixdim is not None:
+            shape = [math.ceil(n * s / p) for n, s, p in zip(shape, spacing, pixdim, strict=False)]
+        if roi_size is not None:
+            shape = [max(n, r) for n, r in zip(shape, roi_size, strict=False)]
+        total += 4 * max(channels, 1) * int(np.prod(shape, dtype=np.int64))
+    return total
+
+
+def _human(n: float) -> str:
+    """Bytes as a short human-readable size, e.g. ``14.2 GiB``."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _available_ram() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+class ViewDataset(Dataset):
+    """Random views on top of a dataset of preprocessed items, leaving those items intact.
+
+    ``ViewDataset(base, views)[i]`` is ``views(dict(base[i]))``: ``base`` runs (or reads from
+    its cache) the deterministic preprocessing, ``views`` draws the random views. Keeping
+    the two apart means the cache holds one preprocessed image per file (not the view
+    copies), and the cached item is only read: ``CacheDataset`` returns its cached dict by
+    reference when its transform has no random part, the dict is copied here, and
+    the view transforms never write into it (each view starts with a crop into a new tensor).
+
+    MONAI's ``DataLoader`` seeds the view transforms in every worker (``set_rnd`` walks
+    ``data`` and ``transform``); a plain torch ``DataLoader`` needs
+    ``worker_init_fn=monai.data.utils.worker_init_fn``, or all workers draw the same views.
+
+    A :class:`DataError` raised while preprocessing (an unusable file) is re-raised as such,
+    not wrapped in MONAI's ``RuntimeError``.
+
+    Args:
+        base: a dataset of preprocessed items (``monai.data.Dataset``/``CacheDataset``/...).
+        views: the random transform, e.g. :func:`byol3d.transforms.view_transforms`.
+    """
+
+    def __init__(self, base: Sequence, views: Callable) -> None:
+        super().__init__(data=base, transform=views)
+        self.cache_bytes: int | None = None
+
+    def _transform(self, index: int) -> Any:
+        try:
+            item = self.data[index]
+        except Exception as exc:
+            err = find_data_error(exc)
+            if err is None:
+                raise
+            raise err from None
+        return apply_transform(self.transform, dict(item))
+
+
+def _first_of(compose: Any, kind: type) -> Any:
+    if not isinstance(compose, Compose):
+        return None
+    return next((t for t in compose.flatten().transforms if isinstance(t, kind)), None)
+
+
+class _ConfigHash:
+    """``hash_transform`` for ``PersistentDataset``: a digest of the preprocessing config.
+
+    MONAI does not hash its transforms' parameters (only their class names), so a changed
+    ``pixdim`` would silently reuse stale cache files; the config goes into the file names.
+    """
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        text = json.dumps({"byol3d_preprocess": 1, **config}, sort_keys=True, default=str)
+        self.digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def __call__(self, _transforms: Any) -> bytes:
+        return self.digest.encode()
+
+
+def build_dataset(
+    files: Sequence[PathLike | Mapping[str, Any]],
+    preprocess: Compose,
+    views: Callable,
+    cache: str = "cache",
+    cache_dir: PathLike | None = None,
+    cache_rate: float = 1.0,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> ViewDataset:
+    """A two-view dataset: preprocess (cached as asked), then fresh random views each access.
+
+    Args:
+        files: image paths (wrapped as ``{"image": path}``, the key taken from the loader of
+            ``preprocess``) or ready data rows (dicts).
+        preprocess: the deterministic transform, e.g. :func:`byol3d.transforms.ct_preprocess`.
+        views: the random transform, e.g. :func:`byol3d.transforms.view_transforms`.
+        cache: ``"none"`` (load and preprocess at every access), ``"cache"`` (keep the
+            preprocessed images in RAM: ``monai.data.CacheDataset``) or ``"persistent"``
+            (keep them on disk in ``cache_dir``: ``monai.data.PersistentDataset``; the file
+            names carry a hash of the preprocessing config, so changing it never reuses
+            stale files). Before caching, the cost is logged (and warned about when it
+            exceeds the available RAM or disk).
+        cache_dir: the folder for ``cache="persistent"`` (required then; created).
+        cache_rate: fraction of the items kept in RAM with ``cache="cache"`` (the rest are
+            preprocessed at every access).
+        num_workers: threads that fill the RAM cache (0 or 1: one thread).
+        progress: show a progress bar while filling the RAM cache.
+
+    Returns:
+        A :class:`ViewDataset`; its ``cache_bytes`` holds the estimate (None for "none").
+
+    Raises:
+        ValueError: for a bad ``cache``, ``cache_dir``, ``cache_rate`` or ``num_workers``.
+        DataError: for a file that cannot be used (named in the message).
+    """
+    if cache not in CACHE_KINDS:
+        raise ValueError(f"cache must be one of {', '.join(CACHE_KINDS)}, got {cache!r}")
+    if isinstance(cache_rate, bool) or not 0.0 <= float(cache_rate) <= 1.0:
+        raise ValueError(f"cache_rate must lie in [0, 1], got {cache_rate!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+    if cache == "persistent" and not cache_dir:
+        raise ValueError("cache_dir must be given for cache='persistent'")
+    loader = _first_of(preprocess, LoadImaged)
+    key = loader.keys[0] if loader is not None else "image"
+    rows = [dict(f) if isinstance(f, Mapping) else {key: str(f)} for f in files]
+    if cache == "none":
+        return ViewDataset(Dataset(rows, transform=preprocess), views)
+
+    spacing, pad = _first_of(preprocess, Spacingd), _first_of(preprocess, SpatialPadd)
+    pixdim = None if spacing is None else spacing.spacing_transform.pixdim
+    roi = None if pad is None else pad.padder.spatial_size
+    n = int(len(rows) * cache_rate) if cache == "cache" else len(rows)  # CacheDataset's count
+    paths = [r[key] for r in rows[:n] if isinstance(r.get(key), (str, os.PathLike))]
+    est = estimate_cache_bytes(paths, pixdim=pixdim, roi_size=roi)
+    note = "float32 after preprocessing, upper bound before foreground crop"
+    try:
+        if cache == "cache":
+            logger.info("caching %d volumes in RAM: about %s (%s)", n, _human(est), note)
+            free = _available_ram()
+            if free is not None and est > free:
+                logger.warning(
+                    "the RAM cache (about %s) may not fit in the %s available: use cache='persistent' "
+                    "or a lower cache_rate",
+                    _human(est),
+                    _human(free),
+                )
+            base: Dataset = CacheDataset(
+                rows,
+                preprocess,
+                cache_rate=cache_rate,
+                num_workers=max(num_workers, 1),
+                progress=progress,
+            )
+        else:
+            folder = Path(cache_dir).expanduser()
+            folder.mkdir(parents=True, exist_ok=True)
+            logger.info(
+                "caching %d volumes on disk in %s: about %s (%s)",
+                n,
+                folder,
+                _human(est),
+                note,
+            )
+            free = shutil.disk_usage(folder).free
+            if est > free:
+                logger.warning(
+                    "the disk cache (about %s) may not fit in the %s free",
+                    _human(est),
+                    _human(free),
+                )
+            config = getattr(preprocess, "config", None)
+            hasher = _ConfigHash(config) if config else json_hashing
+            base = PersistentDataset(rows, preprocess, cache_dir=folder, hash_transform=hasher)
+    except Exception as exc:
+        err = find_data_error(exc)
+        if err is None:
+            raise
+        raise err from None
+    dataset = ViewDataset(base, views)
+    dataset.cache_bytes = est
+    return dataset
+
+
+class _FileCheck(torch.utils.data.Dataset):
+    """Runs ``preprocess`` on one file and returns ``(path, problem or "")``; never raises DataError."""
+
+    def __init__(self, files: Sequence[str], preprocess: Callable) -> None:
+        self.files, self.preprocess = list(files), preprocess
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[str, str]:
+        path = self.files[index]
+        try:
+            self.preprocess({"image": path})
+        except Exception as exc:  # noqa: BLE001 - only user-data errors are kept, others re-raised
+            err = find_data_error(exc)
+            if err is None:
+                raise
+            return path, str(err).splitlines()[0]
+        return path, ""
+
+
+def check_files(
+    files: Sequence[str], preprocess: Callable, num_workers: int = 0
+) -> tuple[list[str], list[tuple[str, str]]]:
+    """Split ``files`` into those ``preprocess`` accepts and ``(path, problem)`` for the rest.
+
+    Used by ``data.on_bad_file: skip``: every file is read and preprocessed once up front (in
+    ``num_workers`` DataLoader workers), so a corrupt, 4D, NaN or unreadable file is reported
+    before training instead of stopping it.
+    """
+    loader = torch.utils.data.DataLoader(
+        _FileCheck(files, preprocess), batch_size=None, num_workers=num_workers
+    )
+    good, bad = [], []
+    for path, problem in loader:
+        (bad.append((path, problem)) if problem else good.append(path))
+    return good, bad

@@ -1,0 +1,377 @@
+"""2D frames on disk: find them, read a CSV list of them, load them as RGB (or grey) tensors.
+
+Surgical-video datasets ship as folders of extracted frames (one sub-folder per video) or as
+a CSV list (e.g. ``id,label`` with the images under ``root/images/ID.png``). This module
+turns either into the list of image paths that :func:`byol3d.data.build_dataset` takes, and
+provides the MONAI loader that reads a frame in any PIL mode (greyscale, palette, RGBA,
+16-bit) as the configured channel count:
+
+>>> from byol3d.frames import find_frames, list_images, read_image_list
+>>> find_frames("/data/frames")[:2]                                      # doctest: +SKIP
+['/data/frames/video01/000000.png', '/data/frames/video01/000025.png']
+>>> read_image_list("/data/train.csv", root="/data")[0]                  # doctest: +SKIP
+{'image': '/data/images/0001.png', 'id': '0001', 'label': '3'}
+>>> list_images(root="/data", csv="/data/train.csv", spatial_dims=2)[:1]  # doctest: +SKIP
+['/data/images/0001.png']
+
+Labels are carried along for evaluation tools and are never needed to pretrain.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import random
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import SimpleITK as sitk
+from monai.config import PathLike
+
+from byol3d.data.readers import FRAME_SUFFIXES
+from byol3d.errors import DataError
+
+logger = logging.getLogger("byol3d")
+
+
+#: Image files :func:`find_images` collects (matched case-insensitively).
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".mhd")
+
+
+def is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _maybe_dicom(name: str) -> bool:
+    """No suffix, a numeric one (UID-named files such as ``1.2.840.113619.2.1``) or ``.ima``."""
+    suffix = Path(name).suffix.lower()
+    return suffix in ("", ".ima", ".dicom") or suffix[1:].isdigit()
+
+
+def _is_dicom_folder(folder: str, names: Sequence[str]) -> bool:
+    """A folder with ``.dcm`` files, or with files that GDCM reads as a DICOM series."""
+    if any(n.lower().endswith(".dcm") for n in names):
+        return True
+    if any(_maybe_dicom(n) for n in names):  # GDCM reads only the headers: cheap
+        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder))
+    return False
+
+
+def walk_visible(root: PathLike) -> Iterator[tuple[str, list[str]]]:
+    """``(folder, sorted file names)`` for every folder under ``root``, in sorted order,
+    skipping hidden files and folders (``.name``).
+
+    Raises:
+        DataError: when ``root`` does not exist or is not a folder.
+    """
+    folder = Path(root).expanduser()
+    if not folder.exists():
+        raise DataError(f"data folder {root} does not exist")
+    if not folder.is_dir():
+        raise DataError(f"data folder {root} is not a directory")
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        yield dirpath, sorted(f for f in filenames if not f.startswith("."))
+
+
+def find_images(root: PathLike, dicom: bool = True) -> list[str]:
+    """All images under ``root``, recursively, as a sorted list of paths.
+
+    Collects files ending in :data:`IMAGE_SUFFIXES` (any case) and, with ``dicom``, DICOM
+    series folders (a folder holding ``.dcm`` files, or files without a suffix, with a
+    numeric one as UID-named files have, or ``.ima``, that SimpleITK/GDCM recognises as
+    DICOM); the folder path stands for the series. Hidden
+    files and folders (``.name``) are skipped, as are ``.raw`` companions of ``.mhd``.
+
+    Args:
+        root: the data folder.
+        dicom: also look for DICOM series folders.
+
+    Returns:
+        Sorted paths (strings), the same on every call and machine for the same tree.
+
+    Raises:
+        DataError: when ``root`` does not exist, is not a folder, or holds no image.
+    """
+    found: list[str] = []
+    others: Counter[str] = Counter()
+    for dirpath, names in walk_visible(root):
+        found += [os.path.join(dirpath, f) for f in names if is_image(f)]
+        rest = [f for f in names if not is_image(f)]
+        if dicom and rest and _is_dicom_folder(dirpath, rest):
+            found.append(dirpath)
+        else:
+            others.update(Path(f).suffix.lower() or "(no suffix)" for f in rest)
+    if not found:
+        looked = "/".join(IMAGE_SUFFIXES) + (
+            " files or DICOM series folders" if dicom else " files"
+        )
+        held = sum(others.values())
+        if held:
+            kinds = ", ".join(f"{n} {s}" for s, n in others.most_common(5))
+            raise DataError(
+                f"no images in {root}: found {held} files ({kinds}), none of them {looked}"
+            )
+        raise DataError(
+            f"no images in {root}: it holds no files (looked for {looked}, recursively)"
+        )
+    return sorted(found)
+
+
+def split_train_val(
+    files: Sequence[PathLike], val_fraction: float = 0.1, seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """Split files into training and validation sets with a seeded shuffle.
+
+    The split depends only on the set of files and the seed (the files are sorted before
+    shuffling), so it is the same on every call. Both lists keep the sorted order.
+
+    Args:
+        files: image paths, e.g. from :func:`find_images`.
+        val_fraction: fraction for validation in [0, 1). 0 gives no validation; otherwise
+            at least one validation file when there are two or more files, and never all.
+        seed: the shuffle's seed.
+
+    Returns:
+        ``(train, val)``, disjoint lists of strings.
+    """
+    if isinstance(val_fraction, bool) or not 0.0 <= float(val_fraction) < 1.0:
+        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction!r}")
+    names = sorted(str(f) for f in files)
+    if len(set(names)) != len(names):
+        dupes = sorted(n for n, c in Counter(names).items() if c > 1)
+        raise ValueError(f"files holds duplicates, e.g. {dupes[0]!r}")
+    n_val = 0
+    if val_fraction > 0 and len(names) >= 2:
+        n_val = min(max(1, round(len(names) * val_fraction)), len(names) - 1)
+    elif val_fraction > 0:
+        logger.warning("only %d image(s): no validation split", len(names))
+    order = list(range(len(names)))
+    random.Random(seed).shuffle(order)
+    val_idx = set(order[:n_val])
+    train = [n for i, n in enumerate(names) if i not in val_idx]
+    val = [n for i, n in enumerate(names) if i in val_idx]
+    return train, val
+
+
+#: Video files: not read directly; ``byol3d extract-frames`` turns them into frames first.
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".mpg", ".mpeg", ".webm")
+
+
+#: Suffixes tried, in order, for a CSV row that gives an ``id`` without a ``path``.
+_ID_SUFFIXES = (*FRAME_SUFFIXES, ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+def find_frames(root: PathLike) -> list[str]:
+    """All frames under ``root``, recursively, as a sorted list of paths.
+
+    Collects files ending in :data:`FRAME_SUFFIXES` (any case), e.g. ``root/video01/0001.png``;
+    hidden files and folders (``.name``) are skipped.
+
+    Raises:
+        DataError: when ``root`` does not exist, is not a folder, or holds no frame (the
+            message counts the files it did find by suffix, and points videos to
+            ``byol3d extract-frames``).
+    """
+    found: list[str] = []
+    others: Counter[str] = Counter()
+    for dirpath, names in walk_visible(root):
+        for name in names:
+            if name.lower().endswith(FRAME_SUFFIXES):
+                found.append(os.path.join(dirpath, name))
+            else:
+                others[Path(name).suffix.lower() or "(no suffix)"] += 1
+    if found:
+        return found
+    looked = "/".join(FRAME_SUFFIXES)
+    if not others:
+        raise DataError(
+            f"no frames in {root}: it holds no files (looked for {looked}, recursively)"
+        )
+    kinds = ", ".join(f"{n} {s}" for s, n in others.most_common(5))
+    hint = ""
+    if any(s in VIDEO_SUFFIXES for s in others):
+        hint = "; extract frames from videos first: byol3d extract-frames VIDEO_DIR FRAME_DIR --every N"
+    raise DataError(
+        f"no frames in {root}: found {sum(others.values())} files ({kinds}), none of them {looked}{hint}"
+    )
+
+
+def _resolve(value: str, root: Path | None, base: Path) -> Path:
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return path
+    return (root if root is not None else base) / path
+
+
+def read_image_list(csv_path: PathLike, root: PathLike | None = None) -> list[dict[str, Any]]:
+    """The rows of a CSV list of images, each as ``{"image": path, "id": ..., "label": ...}``.
+
+    Columns: ``path`` (a file, absolute or relative to ``root``) or ``id`` (then the file is
+    the first existing ``root/images/ID.EXT`` or ``root/ID.EXT`` for EXT in .png, .jpg,
+    .jpeg, .bmp, .tif, .tiff, .nii.gz, .nii, .nrrd, .mha, .mhd, or ``ID`` itself when it
+    already carries a suffix), at least one of them; ``label`` is optional and passed on as
+    the string it is (empty cells are left out). Other columns are ignored. ``root``
+    defaults to the CSV's folder.
+
+    Args:
+        csv_path: the CSV file (comma-separated, with a header row).
+        root: the folder that relative paths and ids are resolved against.
+
+    Returns:
+        One dict per row, in file order; ``"id"`` is the ``id`` cell, or the path's stem.
+
+    Raises:
+        DataError: an unreadable CSV, no ``path``/``id`` column, an empty cell, a file that
+            does not exist (named with its CSV line), or the same file listed twice.
+    """
+    csv_file = Path(csv_path).expanduser()
+    base = Path(root).expanduser() if root else None
+    try:
+        with csv_file.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c.strip() for c in reader.fieldnames or []]
+            rows = [
+                {(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader
+            ]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"cannot read data.csv {csv_path}: {err}") from err
+    if "path" not in columns and "id" not in columns:
+        raise DataError(
+            f"data.csv {csv_path} needs a 'path' or an 'id' column, found columns {columns}"
+        )
+    out: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for line, row in enumerate(rows, start=2):
+        item = _row_item(row, base, csv_file, line)
+        key = os.path.normpath(item["image"])
+        if key in seen:
+            raise DataError(
+                f"data.csv {csv_path} line {line}: {item['image']} is already listed on line {seen[key]}"
+            )
+        seen[key] = line
+        out.append(item)
+    if not out:
+        raise DataError(f"data.csv {csv_path} lists no images (only a header)")
+    return out
+
+
+def _row_item(row: dict[str, str], base: Path | None, csv_file: Path, line: int) -> dict[str, Any]:
+    where = f"data.csv {csv_file} line {line}"
+    if row.get("path"):
+        path = _resolve(row["path"], base, csv_file.parent)
+        if not path.exists():
+            raise DataError(f"{where}: image {path} does not exist")
+    elif row.get("id"):
+        folder = base if base is not None else csv_file.parent
+        candidates = [
+            folder / sub / f"{row['id']}{ext}" for ext in _ID_SUFFIXES for sub in ("images", ".")
+        ]
+        if Path(row["id"]).suffix:
+            candidates.insert(0, _resolve(row["id"], base, csv_file.parent))
+        path = next((c for c in candidates if c.exists()), None)
+        if path is None:
+            raise DataError(
+                f"{where}: no image for id {row['id']!r} ({folder / 'images' / row['id']}.png, "
+                f"{folder / row['id']}.png or another of {', '.join(_ID_SUFFIXES)})"
+            )
+    else:
+        raise DataError(f"{where}: empty 'path' and 'id'")
+    item: dict[str, Any] = {"image": os.path.normpath(str(path)), "id": row.get("id") or path.stem}
+    if row.get("label"):
+        item["label"] = row["label"]
+    return item
+
+
+def list_images(
+    root: PathLike | None = None,
+    csv: PathLike | None = None,
+    spatial_dims: int = 3,
+    dicom: bool = True,
+) -> list[str]:
+    """The image paths a run trains on: a CSV list if given, else a folder search.
+
+    - ``csv`` set: the rows of :func:`read_image_list` (2D or 3D files alike);
+    - otherwise, for ``spatial_dims`` 2, :func:`find_frames` under ``root``; for 3, the
+      volumes and DICOM series of :func:`byol3d.data.find_images`.
+
+    Raises:
+        DataError: as the functions above, or when neither ``root`` nor ``csv`` is given.
+    """
+    if csv:
+        return [item["image"] for item in read_image_list(csv, root)]
+    if not root:
+        raise DataError(
+            "data.root is not set: give the data folder (e.g. data.root=/data/frames) or a "
+            "CSV list (data.csv=/data/train.csv)"
+        )
+    if spatial_dims == 2:
+        return find_frames(root)
+    pass
+
+    return find_images(root, dicom=dicom)
+
+
+def read_image_csv(
+    path: str | Path, root: str | Path | None = None, require_label: bool = True
+) -> list[dict[str, Any]]:
+    """Rows ``{"path", "id"?, "label"?}`` of an image list CSV, paths made absolute and checked.
+
+    Args:
+        path: CSV with a header; columns ``path`` or ``id``, and ``label``.
+        root: folder that relative paths (and ids) are resolved against; default the CSV's folder.
+        require_label: raise when the ``label`` column is missing or empty.
+
+    Raises:
+        DataError: naming the file, the row or the column that is missing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"labels CSV {str(path)!r} does not exist")
+    base = Path(root) if root is not None else path.parent
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        columns = reader.fieldnames or []
+        rows = list(reader)
+    if "path" not in columns and "id" not in columns:
+        raise DataError(f"{str(path)!r} needs a 'path' or 'id' column, has {columns}")
+    if require_label and "label" not in columns:
+        raise DataError(f"{str(path)!r} needs a 'label' column, has {columns}")
+    if not rows:
+        raise DataError(f"{str(path)!r} has no rows")
+    by_id: dict[str, str] = {}
+    if "path" not in columns:
+        pass
+
+        for found in find_images(base, dicom=True):
+            name = Path(found).name
+            for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
+                name = name.removesuffix(ext)
+            by_id[name] = found
+    out = []
+    for line, row in enumerate(rows, start=2):
+        entry: dict[str, Any] = {}
+        if row.get("path"):
+            file = Path(row["path"]) if Path(row["path"]).is_absolute() else base / row["path"]
+        elif row.get("id") in by_id:
+            file = Path(by_id[row["id"]])
+        else:
+            raise DataError(f"{str(path)!r} line {line}: no path, and no file under {str(base)!r} named {row.get('id')!r}")  # fmt: skip
+        if not file.exists():
+            raise DataError(f"{str(path)!r} line {line}: {str(file)!r} does not exist")
+        entry["path"] = str(file)
+        if row.get("id"):
+            entry["id"] = row["id"]
+        if "label" in columns:
+            if not (row.get("label") or "").strip():
+                if require_label:
+                    raise DataError(f"{str(path)!r} line {line}: empty label")
+            else:
+                entry["label"] = row["label"].strip()
+        out.append(entry)
+    if require_label and len({r["label"] for r in out}) < 2:
+        raise DataError(f"{str(path)!r}: at least two classes are needed, found {len({r['label'] for r in out})}")  # fmt: skip
+    return out

@@ -1,0 +1,441 @@
+"""Reading images in and checking them: SimpleITK for NRRD/MetaImage/DICOM, nibabel for NIfTI.
+
+MONAI's own ITK-based reader (:class:`monai.data.ITKReader`) needs the ``itk`` package;
+:class:`SimpleITKReader` does the same job with SimpleITK and follows the same conventions
+as :class:`monai.data.NibabelReader`, so a volume gives the same array and affine whether it
+was saved as ``.nii.gz``, ``.nrrd``, ``.mha``/``.mhd`` or as a DICOM series:
+
+- the array is indexed ``[x, y, z]`` (ITK index order, like a NIfTI array), channels last;
+- ``affine``/``original_affine`` map voxel indices to RAS world coordinates (ITK works in LPS:
+  the first two rows are negated, as in ``ITKReader(affine_lps_to_ras=True)``);
+- ``spatial_shape``, ``original_channel_dim`` (NaN: no channel, -1: channels last),
+  ``space`` (``"RAS"``) and ``spacing`` are set as MONAI's readers set them.
+
+Every problem with a user's file surfaces as a :class:`~byol3d.errors.DataError` naming it:
+unreadable files (here), unusable ones (:class:`ValidateImaged`: wrong channel count or
+dimensionality, NaN/Inf), and :func:`find_data_error` digs such an error out of the
+``RuntimeError`` MONAI wraps around anything raised inside a transform chain.
+
+>>> from byol3d.readers import image_loader
+>>> load = image_loader("image")
+>>> load({"image": "ct.nrrd"})["image"].shape        # doctest: +SKIP
+torch.Size([512, 512, 120])
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.config import KeysCollection, PathLike
+from monai.data import ImageReader, MetaTensor, NibabelReader, PILReader
+from monai.data.utils import orientation_ras_lps
+from monai.transforms import LoadImaged, MapTransform
+from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
+from PIL import Image
+
+from byol3d.errors import DataError
+
+logger = logging.getLogger("byol3d")
+
+
+#: Frame files :func:`find_frames` collects (matched case-insensitively).
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+#: Single-file formats read by :class:`SimpleITKReader` (besides DICOM series folders).
+SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def _sitk_message(err: Exception) -> str:
+    """The informative last line of a (multi-line) SimpleITK exception."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def dicom_series_files(folder: PathLike) -> list[str]:
+    """The files of the largest DICOM series in ``folder``, sorted by slice position (GDCM).
+
+    Args:
+        folder: a directory holding one or more DICOM series.
+
+    Raises:
+        DataError: when the folder holds no DICOM series SimpleITK/GDCM can read.
+    """
+    folder = str(folder)
+    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
+    if not series_ids:
+        raise DataError(f"no DICOM series found in folder {folder}")
+    series = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, sid) for sid in series_ids}
+    best = max(series_ids, key=lambda sid: (len(series[sid]), sid))
+    if len(series_ids) > 1:
+        sizes = ", ".join(f"{sid} ({len(series[sid])} files)" for sid in series_ids)
+        logger.warning(
+            "%s holds %d DICOM series: %s; reading the largest, %s",
+            folder,
+            len(series_ids),
+            sizes,
+            best,
+        )
+    return list(series[best])
+
+
+class SimpleITKReader(ImageReader):
+    """Read ``.nrrd``/``.nhdr``/``.mha``/``.mhd`` files and DICOM series folders with SimpleITK.
+
+    A drop-in for :class:`monai.data.ITKReader` (same array layout and metadata keys) that
+    needs only SimpleITK. Register it on a :class:`monai.transforms.LoadImaged`, or use
+    :func:`image_loader`, which does so.
+
+    A directory is read as a DICOM series (``SimpleITK.ImageSeriesReader``, files sorted by
+    GDCM along the slice normal). If it holds several series, the one with the most files is
+    read and a warning names the others.
+
+    Args:
+        channel_dim: the channel axis of the loaded array, stored as ``original_channel_dim``
+            for ``EnsureChannelFirstd``. None (default): no channel for scalar images, the last
+            axis for multi-component (vector) pixels or 4D images, as in MONAI's readers.
+        series_meta: also store the DICOM tags of the first slice of a series in the
+            metadata (keys such as ``"0008|0060"``). Off by default: it slows reading.
+        affine_lps_to_ras: convert ITK's LPS affine to RAS (default True, consistent with
+            ``NibabelReader``); False keeps LPS and sets ``space`` to ``"LPS"``.
+
+    Raises:
+        DataError: from ``read`` when a file cannot be read (message names the file).
+    """
+
+    def __init__(
+        self,
+        channel_dim: str | int | None = None,
+        series_meta: bool = False,
+        affine_lps_to_ras: bool = True,
+    ) -> None:
+        super().__init__()
+        self.channel_dim = float("nan") if channel_dim == "no_channel" else channel_dim
+        self.series_meta = series_meta
+        self.affine_lps_to_ras = affine_lps_to_ras
+
+    def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
+        """True when every name is a DICOM folder or ends with one of :data:`SITK_SUFFIXES`."""
+        for name in ensure_tuple(filename):
+            name = str(name)
+            if not (Path(name).is_dir() or name.lower().endswith(SITK_SUFFIXES)):
+                return False
+        return True
+
+    def read(self, data: Sequence[PathLike] | PathLike, **kwargs: Any) -> Any:
+        """Read one image (or a list, later stacked as channels) into ``SimpleITK.Image`` objects.
+
+        Args:
+            data: a file name, a DICOM series folder, or a sequence of them.
+            kwargs: unused; accepted for the ``ImageReader`` interface.
+        """
+        images = []
+        names = ensure_tuple(data)
+        for name in names:
+            name = str(name)
+            try:
+                if Path(name).is_dir():
+                    images.append(self._read_series(name))
+                else:
+                    images.append(sitk.ReadImage(name))
+            except RuntimeError as err:  # SimpleITK reports every failure as RuntimeError
+                raise DataError(f"cannot read image {name}: {_sitk_message(err)}") from err
+        return images if len(names) > 1 else images[0]
+
+    def _read_series(self, folder: str) -> sitk.Image:
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(dicom_series_files(folder))
+        if self.series_meta:
+            reader.MetaDataDictionaryArrayUpdateOn()
+            reader.LoadPrivateTagsOn()
+        image = reader.Execute()
+        if self.series_meta:
+            for key in reader.GetMetaDataKeys(0):
+                image.SetMetaData(key, reader.GetMetaData(0, key))
+        return image
+
+    def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
+        """The array (``[x, y, z(, c)]``) and the metadata dict of one or more images.
+
+        Several images are stacked as channels on a new first axis (``original_channel_dim``
+        0), with the first image's metadata, as MONAI's readers do.
+        """
+        arrays, meta = [], {}
+        # a SimpleITK.Image is iterable (over its pixels): never pass it to ensure_tuple
+        for image in [img] if isinstance(img, sitk.Image) else list(img):
+            array = self._get_array_data(image)
+            header = self._get_meta_dict(image)
+            header[MetaKeys.ORIGINAL_AFFINE] = self._get_affine(image)
+            header[MetaKeys.AFFINE] = header[MetaKeys.ORIGINAL_AFFINE].copy()
+            header[MetaKeys.SPACE] = SpaceKeys.RAS if self.affine_lps_to_ras else SpaceKeys.LPS
+            header[MetaKeys.SPATIAL_SHAPE] = self._get_spatial_shape(image)
+            if self.channel_dim is None:
+                same = array.ndim == len(header[MetaKeys.SPATIAL_SHAPE])
+                header[MetaKeys.ORIGINAL_CHANNEL_DIM] = float("nan") if same else -1
+            else:
+                header[MetaKeys.ORIGINAL_CHANNEL_DIM] = self.channel_dim
+            if not meta:
+                meta = header
+            elif not np.allclose(
+                meta[MetaKeys.AFFINE], header[MetaKeys.AFFINE]
+            ) or not np.array_equal(meta[MetaKeys.SPATIAL_SHAPE], header[MetaKeys.SPATIAL_SHAPE]):
+                raise DataError("images stacked as channels must share their shape and affine")
+            arrays.append(array)
+        if len(arrays) == 1:
+            return arrays[0], meta
+        if np.isnan(float(meta[MetaKeys.ORIGINAL_CHANNEL_DIM])):
+            meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = 0
+            return np.stack(arrays, axis=0), meta
+        return np.concatenate(arrays, axis=int(meta[MetaKeys.ORIGINAL_CHANNEL_DIM])), meta
+
+    @staticmethod
+    def _get_meta_dict(image: sitk.Image) -> dict:
+        meta = {
+            key: image.GetMetaData(key)
+            for key in image.GetMetaDataKeys()
+            if not key.startswith("ITK_")
+        }
+        meta["spacing"] = np.asarray(image.GetSpacing())
+        return meta
+
+    def _get_affine(self, image: sitk.Image) -> np.ndarray:
+        """Voxel index -> world affine (LPS in ITK), converted to RAS unless disabled."""
+        ndim = image.GetDimension()
+        direction = np.asarray(image.GetDirection(), dtype=np.float64).reshape(ndim, ndim)
+        spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+        origin = np.asarray(image.GetOrigin(), dtype=np.float64)
+        sr = min(max(ndim, 1), 3)
+        affine = np.eye(sr + 1)
+        affine[:sr, :sr] = direction[:sr, :sr] @ np.diag(spacing[:sr])
+        affine[:sr, -1] = origin[:sr]
+        return orientation_ras_lps(affine) if self.affine_lps_to_ras else affine
+
+    def _get_spatial_shape(self, image: sitk.Image) -> np.ndarray:
+        size = list(image.GetSize())
+        if isinstance(self.channel_dim, int):
+            size.pop(self.channel_dim)
+        return np.asarray(size[: min(max(image.GetDimension(), 1), 3)])
+
+    @staticmethod
+    def _get_array_data(image: sitk.Image) -> np.ndarray:
+        # SimpleITK arrays are [z, y, x(, c)]; MONAI (like nibabel) wants [x, y, z(, c)]
+        array = sitk.GetArrayFromImage(image)
+        if image.GetNumberOfComponentsPerPixel() == 1:
+            return array.T
+        return np.moveaxis(array.T, 0, -1)
+
+
+class _NibabelReader(NibabelReader):
+    """``NibabelReader`` that names the file in a ``DataError`` when it cannot be read."""
+
+    def read(self, data: Sequence[PathLike] | PathLike, **kwargs: Any) -> Any:
+        try:
+            return super().read(data, **kwargs)
+        except Exception as err:  # nibabel raises many types: ImageFileError, EOFError, ...
+            raise DataError(f"cannot read image {_first(data)}: {_one_line(err)}") from err
+
+    def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
+        try:  # the voxels are read lazily here: a truncated .nii.gz fails now, not in read()
+            return super().get_data(img)
+        except Exception as err:
+            # name the file from the image: self.filenames may be another thread's (CacheDataset)
+            first = img[0] if isinstance(img, (list, tuple)) else img
+            raise DataError(f"cannot read image {first.get_filename()}: {_one_line(err)}") from err
+
+
+def _first(names: Sequence[PathLike] | PathLike) -> str:
+    return str(ensure_tuple(names)[0])
+
+
+def _one_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def image_loader(keys: KeysCollection, **kwargs: Any) -> LoadImaged:
+    """``LoadImaged`` that reads NIfTI with nibabel and everything else with SimpleITK.
+
+    ``LoadImaged`` (with ``reader=None``) tries its registered readers from the last
+    registered to the first and takes the first whose ``verify_suffix`` accepts the file, so
+    the readers registered here take precedence over MONAI's defaults: a ``NibabelReader``
+    for ``.nii``/``.nii.gz`` and :class:`SimpleITKReader` for ``.nrrd``/``.nhdr``/``.mha``/
+    ``.mhd`` and DICOM series folders. Both raise :class:`~byol3d.errors.DataError` naming
+    the file when it cannot be read.
+
+    Args:
+        keys: the data-dict keys holding file paths, e.g. ``"image"``.
+        kwargs: further ``LoadImaged`` arguments (``image_only=True`` unless given).
+
+    Returns:
+        The configured ``LoadImaged``; the loaded images are ``MetaTensor`` objects whose
+        ``meta["filename_or_obj"]`` is the path.
+    """
+    kwargs.setdefault("image_only", True)
+    loader = LoadImaged(keys=keys, reader=None, **kwargs)
+    loader.register(SimpleITKReader())
+    loader.register(_NibabelReader())
+    return loader
+
+
+def find_data_error(exc: BaseException) -> DataError | None:
+    """The :class:`DataError` behind ``exc``, or None.
+
+    MONAI wraps every exception raised inside a transform chain or a dataset in
+    ``RuntimeError("applying transform ...")``; this follows ``__cause__``/``__context__``
+    down to the user-data error so it can be reported in one line.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, DataError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def filename_of(img: Any, key: Hashable) -> str:
+    """The source file of a loaded image (``meta["filename_or_obj"]``), else ``<key>``."""
+    meta = getattr(img, "meta", None) or {}
+    return str(meta.get("filename_or_obj", f"<{key}>"))
+
+
+class ValidateImaged(MapTransform):
+    """Reject images a run cannot use, with a :class:`DataError` naming the file.
+
+    Expects channel-first images (after ``EnsureChannelFirstd``). Raises when the channel
+    count is not ``in_channels`` (e.g. a 4D series with 5 time points), when the number of
+    spatial dimensions is not ``spatial_dims`` (e.g. a 2D image in a 3D run), or when the
+    image holds NaN or Inf. Logs a warning, and passes the image on, when it is constant.
+
+    Args:
+        keys: keys of the images to check.
+        in_channels: the expected number of channels.
+        spatial_dims: the expected number of spatial dimensions (2 or 3).
+        allow_missing_keys: do not raise if a key is missing.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        in_channels: int = 1,
+        spatial_dims: int = 3,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.in_channels = in_channels
+        self.spatial_dims = spatial_dims
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img, name = d[key], filename_of(d[key], key)
+            shape = tuple(img.shape)
+            if len(shape) - 1 != self.spatial_dims:
+                raise DataError(
+                    f"{name}: expected a {self.spatial_dims}D image, got {len(shape) - 1} spatial "
+                    f"dimensions (channel-first shape {shape})"
+                )
+            if shape[0] != self.in_channels:
+                raise DataError(
+                    f"{name}: expected {self.in_channels} channel(s), got {shape[0]} (channel-first shape "
+                    f"{shape}; a 4D series such as time points or phases is not a single volume)"
+                )
+            values = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+            if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+                raise DataError(f"{name}: the image contains NaN or Inf values")
+            if values.numel() and bool(values.min() == values.max()):
+                logger.warning(
+                    "%s is constant (every voxel %g): its views carry no signal",
+                    name,
+                    float(values.min()),
+                )
+        return d
+
+
+class _ToMode:
+    """PIL converter to ``mode`` ("RGB" or "L"); 16/32-bit images are rescaled to 8 bit first.
+
+    A class, not a lambda, so the loader pickles into DataLoader workers.
+    """
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            arr = np.asarray(image, dtype=np.float64)
+            top = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
+            image = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
+        if image.mode in ("RGBA", "LA", "PA") or (
+            image.mode == "P" and "transparency" in image.info
+        ):
+            # composite on black (what a masked-out endoscope border is), not on PIL's default
+            rgba = image.convert("RGBA")
+            black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+            image = Image.alpha_composite(black, rgba)
+        return image.convert(self.mode)
+
+
+class FrameReader(PILReader):
+    """MONAI's ``PILReader`` converting every frame to RGB (or grey) and naming bad files.
+
+    Greyscale, palette, RGBA (composited on black), CMYK and 16-bit frames all come out
+    as 8-bit ``channels`` channels, so a stray frame in a dataset is converted rather than
+    crashing the run. Arrays are ``(W, H[, C])`` (MONAI's PILReader convention: spatial
+    axis 0 is x, horizontal), with values 0..255.
+
+    Args:
+        channels: 3 (RGB) or 1 (greyscale).
+
+    Raises:
+        DataError: from ``read``/``get_data`` when a file cannot be decoded (named).
+    """
+
+    def __init__(self, channels: int = 3) -> None:
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3 for frames, got {channels!r}")
+        super().__init__(converter=_ToMode("RGB" if channels == 3 else "L"))
+        self.channels = channels
+
+    def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
+        return all(str(f).lower().endswith(FRAME_SUFFIXES) for f in ensure_tuple(filename))
+
+    def read(self, data: Sequence[PathLike] | PathLike, **kwargs: Any) -> Any:
+        try:
+            return super().read(data, **kwargs)
+        except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError ...
+            name = str(ensure_tuple(data)[0])
+            raise DataError(f"cannot read image {name}: {type(err).__name__}: {err}") from err
+
+    def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
+        try:
+            return super().get_data(img)
+        except Exception as err:  # a truncated file fails when its pixels are decoded
+            first = img[0] if isinstance(img, (list, tuple)) else img
+            name = getattr(first, "filename", "an image")
+            raise DataError(f"cannot read image {name}: {type(err).__name__}: {err}") from err
+
+
+class _LoadFramed(LoadImaged):
+    """``LoadImaged`` that always reads with its :class:`FrameReader`.
+
+    (A plain ``LoadImaged(reader=...)`` falls back to MONAI's other readers when that one
+    fails, which buries the file's real problem under theirs.)
+    """
+
+    def __init__(self, keys: KeysCollection, reader: FrameReader) -> None:
+        super().__init__(keys=keys, reader=reader, image_only=True, dtype=np.uint8)
+        self.frame_reader = reader
+
+    def __call__(self, data: Any, reader: Any = None) -> Any:
+        return super().__call__(data, reader or self.frame_reader)
+
+
+def frame_loader(keys: KeysCollection, channels: int = 3) -> LoadImaged:
+    """A ``LoadImaged`` with :class:`FrameReader`: a path in, a ``(W, H, C)`` uint8 MetaTensor out."""
+    return _LoadFramed(keys, FrameReader(channels=channels))

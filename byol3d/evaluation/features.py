@@ -1,0 +1,334 @@
+"""Embeddings and feature maps of a pretrained encoder, preprocessed exactly as in pretraining.
+
+    byol3d extract runs/ct --data /data/ct_test --output feats/
+    byol3d extract runs/ct --csv labels.csv --output feats/ --layers layer1,layer2,layer3,layer4
+
+writes ``feats/features.npy`` (N x D float32, one row per volume or frame, D = 512 for
+resnet10/18/34 and 2048 for resnet50+), ``feats/index.csv`` (row, path, and id/label when
+read from a CSV) and, with ``--layers``, ``feats/maps/<row>.npz`` with one feature map per
+layer. In Python:
+
+    >>> import byol3d
+    >>> enc = byol3d.load_encoder("runs/ct")                    # doctest: +SKIP
+    >>> enc.roi_size, enc.hu_window, enc.pixdim                  # doctest: +SKIP
+    ((128, 128, 128), (-1000.0, 1000.0), (1.5, 1.5, 2.0))
+    >>> x = enc.preprocess({"image": "ct.nii.gz"})["image"]     # doctest: +SKIP
+    >>> byol3d.extract_features(enc, [x]).shape                  # doctest: +SKIP
+    (1, 2048)
+
+Every image goes through the run's deterministic preprocessing
+(:func:`byol3d.train.build_transforms` ``[0]``: orientation, spacing, HU window, foreground crop,
+padding to the crop size). The network then sees it in windows of the pretraining crop size
+(``monai.inferers.sliding_window_inference``, so a 512 x 512 x 300 scan costs no more memory
+than one crop); the embedding is the global average of the stitched ``layer4`` map, i.e. the
+encoder's own ``avgpool`` output when the image is one crop.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv as csv_module
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from torch import nn
+from tqdm import tqdm
+
+from byol3d.config import default_config
+from byol3d.data.discovery import find_images, read_image_csv
+from byol3d.errors import CheckpointError, DataError
+from byol3d.evaluation.export import check_state, read_encoder_state
+from byol3d.models.encoders import build_encoder
+from byol3d.transforms import build_transforms
+
+LAYERS = ("layer1", "layer2", "layer3", "layer4")
+
+
+@dataclass
+class LoadedEncoder:
+    """A pretrained encoder (eval mode) with the preprocessing settings of its run.
+
+    Attributes:
+        encoder: the MONAI ResNet (``forward`` returns the ``avgpool`` embedding).
+        name, spatial_dims, in_channels, norm: its architecture (``model.encoder``, ...).
+        roi_size, hu_window, pixdim, crop_foreground, foreground_hu: the run's preprocessing
+            (``transforms.*``); ``pixdim`` None means the files' own spacing was kept.
+        config: the run's whole nested config; ``source``: the weight file read.
+    """
+
+    encoder: nn.Module
+    name: str
+    spatial_dims: int
+    in_channels: int
+    norm: str
+    roi_size: tuple[int, ...]
+    hu_window: tuple[float, float]
+    pixdim: tuple[float, ...] | None
+    crop_foreground: bool
+    foreground_hu: float
+    config: dict[str, Any] = field(repr=False)
+    source: Path | None = None
+
+    @property
+    def preprocess(self):
+        """The run's deterministic preprocessing: ``{"image": path} -> {"image": (C, *spatial)}``."""
+
+        return build_transforms(self.config)[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+
+def _merge_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The defaults updated with a run's config (keys of newer or older versions tolerated)."""
+    merged = default_config()
+    for key, value in config.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key].update(copy.deepcopy(dict(value)))
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def load_encoder(source: str | Path, device: str | torch.device = "cpu") -> LoadedEncoder:
+    """Load a pretrained encoder and its preprocessing settings from a run.
+
+    Args:
+        source: a run directory, its ``encoder.pt`` (a bare state_dict; the settings come from
+            the ``config.yaml`` beside it) or a training checkpoint (which carries its config).
+            Files are read with ``torch.load(..., weights_only=True)``.
+        device: where to put the encoder (default CPU).
+
+    Returns:
+        A :class:`LoadedEncoder` in eval mode with every key loaded strictly.
+
+    Raises:
+        CheckpointError: no weights, no config, or weights that do not fit the config's
+            architecture (one line naming both).
+    """
+    state, config, path = read_encoder_state(source)
+    if not config:
+        raise CheckpointError(
+            f"no config for {str(path)!r}: keep the run's config.yaml next to encoder.pt "
+            "(it holds the preprocessing the encoder was trained with)"
+        )
+    cfg = _merge_config(config)
+    data, model, tf = cfg["data"], cfg["model"], cfg["transforms"]
+    try:
+        encoder = build_encoder(
+            model["encoder"], data["spatial_dims"], data["in_channels"], model["norm"]
+        )
+    except ValueError as err:
+        raise CheckpointError(f"the config of {str(path)!r} is not usable: {err}") from err
+    check_state(state, encoder.state_dict(), path, f"the run's model.encoder {model['encoder']!r}")
+    encoder.load_state_dict(state, strict=True)
+    encoder.to(device).eval()
+    return LoadedEncoder(
+        encoder=encoder,
+        name=model["encoder"],
+        spatial_dims=data["spatial_dims"],
+        in_channels=data["in_channels"],
+        norm=model["norm"],
+        roi_size=tuple(int(r) for r in tf["roi_size"]),
+        hu_window=tuple(float(h) for h in tf["hu_window"]),
+        pixdim=None if tf["pixdim"] is None else tuple(float(p) for p in tf["pixdim"]),
+        crop_foreground=bool(tf["crop_foreground"]),
+        foreground_hu=float(tf["foreground_hu"]),
+        config=cfg,
+        source=path,
+    )
+
+
+def _unpack(encoder: LoadedEncoder | nn.Module, roi_size) -> tuple[nn.Module, tuple[int, ...]]:
+    if isinstance(encoder, LoadedEncoder):
+        return encoder.encoder, tuple(roi_size or encoder.roi_size)
+    if roi_size is None:
+        raise ValueError("roi_size is required when encoder is a plain nn.Module")
+    return encoder, tuple(int(r) for r in roi_size)
+
+
+class _LayerMaps(nn.Module):
+    """The encoder's outputs of ``layers`` as a tuple (forward hooks live for one call)."""
+
+    def __init__(self, net: nn.Module, layers: Sequence[str]) -> None:
+        super().__init__()
+        self.net, self.layers = net, tuple(layers)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out: dict[str, torch.Tensor] = {}
+        hooks = [
+            self.net.get_submodule(name).register_forward_hook(
+                lambda _m, _i, o, name=name: out.__setitem__(name, o)
+            )
+            for name in self.layers
+        ]
+        try:
+            self.net(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        return tuple(out[name] for name in self.layers)
+
+
+@torch.no_grad()
+def feature_maps(
+    encoder: LoadedEncoder | nn.Module,
+    image: torch.Tensor,
+    layers: Sequence[str] = LAYERS,
+    roi_size: Sequence[int] | None = None,
+    overlap: float = 0.25,
+    sw_batch_size: int = 4,
+    device: str | torch.device | None = None,
+) -> dict[str, torch.Tensor]:
+    """Feature maps of one image at several layers, stitched by sliding-window inference.
+
+    Args:
+        encoder: a :class:`LoadedEncoder` or a MONAI ResNet (then ``roi_size`` is required).
+        image: ``(C, *spatial)`` or ``(1, C, *spatial)``, already preprocessed.
+        layers: names from ``layer1..layer4`` (strides 4, 8, 16, 32).
+        roi_size: window size; default the run's crop size. Smaller images are padded.
+        overlap: window overlap (MONAI's ``overlap``); 0.25 by default.
+        sw_batch_size: windows per forward pass.
+        device: where to compute (default: the encoder's device).
+
+    Returns:
+        ``{layer: (channels, *spatial // stride)}`` float32 CPU tensors (strides 4, 8, 16, 32).
+    """
+
+    net, roi = _unpack(encoder, roi_size)
+    bad = [name for name in layers if name not in dict(net.named_children())]
+    if not layers or bad:
+        raise ValueError(f"invalid layers {list(layers)!r}, must be some of {', '.join(LAYERS)}")
+    param = next(net.parameters())
+    device = torch.device(device) if device is not None else param.device
+    x = image if image.ndim == len(roi) + 2 else image.unsqueeze(0)
+    if x.ndim != len(roi) + 2:
+        raise ValueError(
+            f"image of shape {tuple(image.shape)} does not match roi_size {roi} "
+            f"(expected (C, *spatial) with {len(roi)} spatial dims)"
+        )
+    was_training = net.training
+    net.eval()
+    try:
+        maps = sliding_window_inference(
+            torch.as_tensor(x, dtype=torch.float32),
+            roi_size=roi,
+            sw_batch_size=sw_batch_size,
+            predictor=_LayerMaps(net, layers),
+            overlap=overlap,
+            mode="constant",
+            sw_device=device,
+            device="cpu",
+        )
+    finally:
+        net.train(was_training)
+    if isinstance(maps, torch.Tensor):  # MONAI unpacks a predictor's 1-tuple
+        maps = (maps,)
+    return {name: m[0].float().as_tensor() if hasattr(m, "as_tensor") else m[0].float()
+            for name, m in zip(layers, maps)}  # fmt: skip
+
+
+def extract_features(
+    encoder: LoadedEncoder | nn.Module,
+    images: torch.Tensor | Iterable[torch.Tensor],
+    roi_size: Sequence[int] | None = None,
+    overlap: float = 0.25,
+    sw_batch_size: int = 4,
+    device: str | torch.device | None = None,
+    layers: Sequence[str] = ("layer4",),
+) -> np.ndarray:
+    """Global embeddings of preprocessed images: an ``N x D`` float32 array.
+
+    Each image is seen in windows of ``roi_size`` (the pretraining crop) and the row is the
+    global average of each layer's stitched map; with the default ``layers=("layer4",)`` this
+    equals ``encoder(image)`` (its ``avgpool`` output) for an image of exactly ``roi_size``.
+    Several layers give their pooled features concatenated (e.g. 64+128+256+512 = 960 columns
+    for layer1..layer4 of resnet10), a multi-scale embedding.
+
+    Args:
+        encoder: a :class:`LoadedEncoder` or a MONAI ResNet (then ``roi_size`` is required).
+        images: a ``(N, C, *spatial)`` tensor, or an iterable of ``(C, *spatial)`` tensors of
+            any sizes (e.g. a tqdm-wrapped generator over files).
+        roi_size, overlap, sw_batch_size, device: as in :func:`feature_maps`.
+        layers: layers whose global averages make up the row.
+
+    Returns:
+        ``np.ndarray`` of shape ``(N, D)``, float32.
+    """
+    rows = []
+    for image in images:
+        maps = feature_maps(encoder, image, layers, roi_size, overlap, sw_batch_size, device)
+        rows.append(torch.cat([m.flatten(1).mean(1) for m in maps.values()]))
+    if not rows:
+        raise ValueError("no images to extract features from")
+    return torch.stack(rows).numpy().astype(np.float32)
+
+
+def extract_to_folder(
+    source: str | Path,
+    output: str | Path,
+    data: str | Path | None = None,
+    csv: str | Path | None = None,
+    root: str | Path | None = None,
+    layers: Sequence[str] | None = None,
+    overlap: float = 0.25,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> tuple[Path, Path]:
+    """``byol3d extract``: embeddings of every image of a folder or CSV list, written to ``output``.
+
+    Args:
+        source: run directory, ``encoder.pt`` or checkpoint (see :func:`load_encoder`).
+        output: folder for ``features.npy`` (N x D float32), ``index.csv`` (``row,path`` plus
+            ``id,label`` from a CSV) and, with ``layers``, ``maps/<row>.npz`` (one array per
+            layer, ``(channels, *spatial / stride)``).
+        data: folder searched recursively like ``data.root`` (NIfTI, NRRD, MHA, DICOM series).
+        csv: instead of ``data``: a CSV with a ``path`` (or ``id``) column, see
+            :func:`byol3d.evaluate.read_image_csv`; ``root`` resolves its relative paths.
+        layers: also write the stitched feature maps of these layers (``layer1..layer4``).
+        overlap: sliding-window overlap.
+        device: where to run the encoder.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        The paths of ``features.npy`` and ``index.csv``.
+    """
+
+    if (data is None) == (csv is None):
+        raise DataError("give exactly one of a data folder (--data) or a CSV list (--csv)")
+    if layers:
+        bad = [name for name in layers if name not in LAYERS]
+        if bad:
+            raise DataError(f"invalid layer {bad[0]!r}, must be some of {', '.join(LAYERS)}")
+    enc = load_encoder(source, device=device)
+    if csv is not None:
+        rows = read_image_csv(csv, root=root, require_label=False)
+    else:
+        rows = [{"path": p} for p in find_images(data, dicom=bool(enc.config["data"]["dicom"]))]
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    if layers:
+        (out / "maps").mkdir(exist_ok=True)
+    preprocess = enc.preprocess
+    features = []
+    for i, row in enumerate(tqdm(rows, desc="extract", unit="image", disable=not progress)):
+        image = preprocess({"image": row["path"]})["image"]
+        wanted = tuple(dict.fromkeys(["layer4", *(layers or [])]))
+        maps = feature_maps(enc, image, wanted, overlap=overlap, device=device)
+        features.append(maps["layer4"].flatten(1).mean(1))
+        if layers:
+            np.savez(out / "maps" / f"{i:06d}.npz", **{k: maps[k].numpy() for k in layers})
+    feats = torch.stack(features).numpy().astype(np.float32)
+    np.save(out / "features.npy", feats)
+    columns = ["row", "path"] + [c for c in ("id", "label") if any(c in r for r in rows)]
+    with open(out / "index.csv", "w", newline="") as fh:
+        writer = csv_module.writer(fh, lineterminator="\n")
+        writer.writerow(columns)
+        for i, row in enumerate(rows):
+            writer.writerow([i, row["path"], *(row.get(c, "") for c in columns[2:])])
+    return out / "features.npy", out / "index.csv"

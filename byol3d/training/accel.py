@@ -1,0 +1,191 @@
+"""Speed switches: channels-last memory format, torch.compile, activation checkpointing, GPU views.
+
+Each switch is a config key (measured effects in docs/benchmarks.md):
+
+* ``train.channels_last`` (``auto``: on for CUDA only) - the model's weights and the input
+  batches in ``channels_last_3d`` (``channels_last`` in 2D). cuDNN's fastest 3D convolutions
+  are channels-last under bf16/fp16; on CPU (oneDNN) it was measured slower, hence ``auto``.
+* ``train.compile`` (opt-in) - ``torch.compile`` on each residual block of the online and the
+  target encoder (``nn.Module.compile``: in place, so state_dict keys and ``encoder.pt`` are
+  unchanged). Blocks rather than the whole model, because the representation hook is added and
+  removed at every forward call, which a whole-model graph would have to recompile for.
+* ``train.activation_checkpointing`` (opt-in) - the online encoder's residual blocks keep no
+  activations; they are recomputed in the backward pass (about 1/3 more compute for much less
+  memory: large crops or batches of 8+ volumes on one GPU). Batch-norm running statistics are
+  updated once per step, as without checkpointing.
+* ``data.gpu_views`` (opt-in, CUDA only) - the random views are drawn on the GPU from the
+  RAM-cached volumes, in :class:`monai.data.ThreadDataLoader` threads (GPU tensors do not
+  cross process boundaries), see :func:`device_views`.
+
+>>> import torch
+>>> from byol3d import BYOL, build_encoder
+>>> from byol3d.speed import apply_speed_options
+>>> model = BYOL(build_encoder("resnet10"), input_shape=(1, 32, 32, 32), hidden_dim=64, projection_dim=16)
+>>> apply_speed_options(model, channels_last=False, activation_checkpointing=True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+from monai.transforms import Compose, ToDeviced
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+#: Values of ``train.channels_last``.
+CHANNELS_LAST_CHOICES = ("auto", "on", "off")
+
+
+_LAYERS = ("layer1", "layer2", "layer3", "layer4")
+
+
+def resolve_channels_last(setting: str, device: torch.device | str) -> bool:
+    """``train.channels_last``: ``on``/``off`` as given, ``auto`` -> on for CUDA devices only."""
+    if setting not in CHANNELS_LAST_CHOICES:
+        raise ValueError(
+            f"invalid channels_last {setting!r}, must be one of {', '.join(CHANNELS_LAST_CHOICES)}"
+        )
+    if setting == "auto":
+        return torch.device(device).type == "cuda"
+    return setting == "on"
+
+
+def memory_format(spatial_dims: int) -> torch.memory_format:
+    """``torch.channels_last_3d`` for volumes, ``torch.channels_last`` for 2D images."""
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"invalid spatial_dims {spatial_dims!r}, must be 2 or 3")
+    return torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
+
+
+class _KeepBatchNormStats:
+    """During a checkpointed recompute: batch norm uses batch statistics but leaves its running ones."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.saved: list[tuple] = []
+
+    def __enter__(self) -> None:
+        self.saved = [(m.momentum, m.num_batches_tracked) for m in self.norms]
+        for m in self.norms:
+            m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
+            if m.num_batches_tracked is not None:
+                m.num_batches_tracked = m.num_batches_tracked.clone()
+
+    def __exit__(self, *exc) -> None:
+        for m, (momentum, tracked) in zip(self.norms, self.saved):
+            m.momentum, m.num_batches_tracked = momentum, tracked
+
+
+class CheckpointedSequential(nn.Sequential):
+    """An ``nn.Sequential`` whose children run under ``torch.utils.checkpoint`` when training.
+
+    Only while gradients are being recorded for its parameters (the online encoder in a
+    training step); otherwise (target encoder, evaluation, ``no_grad``) it is a plain
+    ``nn.Sequential``. Same submodules, so the same state_dict keys.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
+            return super().forward(x)
+        for block in self:
+            x = checkpoint(
+                block,
+                x,
+                use_reentrant=False,
+                context_fn=lambda b=block: (contextlib.nullcontext(), _KeepBatchNormStats(b)),
+            )
+        return x
+
+
+def enable_activation_checkpointing(net: nn.Module, layers: tuple[str, ...] = _LAYERS) -> int:
+    """Turn the residual stages ``layers`` of a MONAI ResNet into :class:`CheckpointedSequential`.
+
+    The class of each stage is swapped in place (weights, keys and hooks untouched). Returns
+    the number of stages changed.
+    """
+    changed = 0
+    for name in layers:
+        stage = getattr(net, name, None)
+        if isinstance(stage, nn.Sequential):
+            stage.__class__ = CheckpointedSequential
+            changed += 1
+    if not changed:
+        raise ValueError(
+            f"activation checkpointing found none of the stages {', '.join(layers)} in the encoder"
+        )
+    return changed
+
+
+def compile_blocks(net: nn.Module, skip: str | None = None, **compile_kwargs) -> int:
+    """``torch.compile`` each residual block of a MONAI ResNet in place (``nn.Module.compile``).
+
+    Args:
+        net: the encoder.
+        skip: a module name (the representation layer) whose block is left uncompiled, so
+            the forward hook on it is seen by eager code.
+        compile_kwargs: passed to ``torch.compile`` (e.g. ``mode="max-autotune"``). The default
+            is ``dynamic=False``: training shapes are fixed, and inductor's symbolic-shape
+            lowering of 3D convolutions fails on CPU after the first shape change (the dry run
+            that sizes the heads uses another batch size).
+
+    Returns:
+        The number of blocks compiled.
+    """
+    count = 0
+    for name in _LAYERS:
+        stage = getattr(net, name, None)
+        if stage is None:
+            continue
+        for i, block in enumerate(stage):
+            path = f"{name}.{i}"
+            if skip and (skip == name or skip == path or skip.startswith(path + ".")):
+                continue
+            block.compile(**{"dynamic": False, **compile_kwargs})
+            count += 1
+    return count
+
+
+def apply_speed_options(
+    model: nn.Module,
+    channels_last: bool = False,
+    compile: bool = False,
+    activation_checkpointing: bool = False,
+    spatial_dims: int = 3,
+) -> None:
+    """Apply the speed switches to a :class:`byol3d.BYOL` in place (before DDP and the optimizer).
+
+    Args:
+        model: the BYOL module (its ``online_encoder`` and ``target_encoder`` are changed).
+        channels_last: weights in ``channels_last_3d``/``channels_last`` memory format (the
+            trainer must convert inputs too: ``create_trainer(memory_format=...)``).
+        compile: :func:`compile_blocks` on the online and the target encoder (each separately:
+            a compiled block must not be shared by a deep copy).
+        activation_checkpointing: :func:`enable_activation_checkpointing` on both encoders
+            (the target runs without gradients, so it is never recomputed).
+        spatial_dims: 2 or 3, for the memory format.
+    """
+    encoders = [model.online_encoder, model.target_encoder]
+    if activation_checkpointing:
+        for enc in encoders:
+            enable_activation_checkpointing(enc.net)
+    if channels_last:
+        model.to(memory_format=memory_format(spatial_dims))
+    if compile:
+        for enc in encoders:
+            compile_blocks(enc.net, skip=enc.layer)
+
+
+def device_views(
+    views: Callable, device: torch.device | str, source_key: str = "image"
+) -> Callable:
+    """The view transform preceded by a copy of the source image to ``device``.
+
+    Used with ``data.gpu_views``: the cached volume goes to the GPU once per sample and the crop,
+    flips, intensity changes, blur and noise run there. Feed the dataset to a
+    ``monai.data.ThreadDataLoader`` (threads, not processes) with ``pin_memory=False``.
+    ``set_random_state`` is forwarded to ``views`` (so :class:`byol3d.engine.Reseed` still works).
+    """
+
+    return Compose([ToDeviced(source_key, device=torch.device(device)), views])

@@ -1,0 +1,92 @@
+"""Transforms: deterministic preprocessing, then BYOL's two views (2D frames or 3D volumes).
+
+:func:`build_transforms` is the one place that reads the ``transforms.*`` config and picks the
+path on ``data.spatial_dims``:
+
+- 3D (:mod:`byol3d.transforms.ct`): load, reorient, resample, window, crop the air; two views
+  by random resized crop (:mod:`~byol3d.transforms.crops`), flips and turns
+  (:mod:`~byol3d.transforms.geometry`), intensity jitter, gamma, blur and noise;
+- 2D (:mod:`byol3d.transforms.frames`): load an RGB frame as uint8; two views by BYOL's RGB
+  recipe (colour ops in :mod:`~byol3d.transforms.photometric`).
+
+Reading files is :mod:`byol3d.data.readers`' job; the pipelines here start with its loaders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from byol3d.data.discovery import list_images
+from byol3d.data.stats import compute_mean_std
+from byol3d.errors import ConfigError
+from byol3d.transforms.ct import ct_preprocess, view_transforms
+from byol3d.transforms.frames import FRAME_ONLY_KEYS, build_frame_transforms
+
+__all__ = ["build_transforms", "config_mean_std"]
+
+_PREPROCESS_KEYS = ("roi_size", "hu_window", "pixdim", "crop_foreground", "foreground_hu")
+
+
+def build_transforms(cfg: Mapping[str, Any]):
+    """The config's deterministic preprocessing and (freshly constructed) two-view transforms.
+
+    ``transforms.roi_size/hu_window/pixdim/crop_foreground/foreground_hu`` and
+    ``data.in_channels`` go to :func:`byol3d.transforms.ct_preprocess`; ``roi_size`` and the
+    other ``transforms.*`` keys to :func:`byol3d.transforms.view_transforms`.
+
+    Raises:
+        ConfigError: settings the transforms reject (e.g. a threshold outside the HU window).
+    """
+    tf_cfg = cfg["transforms"]
+    if cfg["data"]["spatial_dims"] == 2:  # frames: byol3d.transforms2d, same structure
+        try:
+            return build_frame_transforms(cfg)
+        except ValueError as err:
+            raise ConfigError(f"transforms: {err}") from err
+    try:
+        preprocess = ct_preprocess(
+            in_channels=cfg["data"]["in_channels"], **{k: tf_cfg[k] for k in _PREPROCESS_KEYS}
+        )
+        views = view_transforms(
+            roi_size=list(tf_cfg["roi_size"]),
+            **{
+                k: v
+                for k, v in tf_cfg.items()
+                if k not in _PREPROCESS_KEYS and k not in FRAME_ONLY_KEYS
+            },
+        )
+    except ValueError as err:
+        raise ConfigError(f"transforms: {err}") from err
+    return preprocess, views
+
+
+def config_mean_std(
+    cfg: Mapping[str, Any], max_files: int | None = 1000
+) -> tuple[list[float], list[float], int]:
+    """:func:`compute_mean_std` of the images a config trains on, after its preprocessing.
+
+    What ``byol3d stats CONFIG`` prints. The files are those of ``byol3d pretrain``
+    (``data.csv`` or ``data.root``), preprocessed by the config's deterministic transform.
+
+    Returns:
+        ``(mean, std, number of files read)``.
+
+    Raises:
+        ConfigError, DataError: as ``byol3d pretrain`` for the same config.
+    """
+    data_cfg = cfg["data"]
+    if not data_cfg.get("root") and not data_cfg.get("csv"):
+        raise ConfigError("data.root is not set: give the data folder or data.csv")
+    preprocess, _ = build_transforms(cfg)
+    files = list_images(
+        data_cfg["root"],
+        csv=data_cfg.get("csv"),
+        spatial_dims=data_cfg["spatial_dims"],
+        dicom=data_cfg.get("dicom", True),
+    )
+    n = len(files) if max_files is None else min(len(files), max_files)
+    mean, std = compute_mean_std(
+        files, preprocess, max_files=max_files, num_workers=data_cfg["num_workers"]
+    )
+    return mean, std, n
