@@ -6,7 +6,7 @@ dimension and records each view's crop box (``{key}_box``), so the location in t
 image of every output voxel is known.
 
 >>> import torch
->>> from byol3d.crops import RandResizedCropd
+>>> from byol3d.transforms.crops import RandResizedCropd
 >>> crop = RandResizedCropd(keys="image", roi_size=(32, 32, 32), scale=(0.2, 1.0))
 >>> out = crop({"image": torch.rand(1, 64, 64, 48)})
 >>> out["image"].shape, out["image_box"].shape
@@ -15,6 +15,7 @@ image of every output voxel is known.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
@@ -51,20 +52,94 @@ def check_range(
     return lo, hi
 
 
+_EPS = 1e-9  # relative slack when comparing side ratios computed in floating point
+
+
+def _ratios_ok(size: Sequence[int], lo: float, hi: float) -> bool:
+    """True when ``size[b] / size[a]`` lies in ``[lo, hi]`` for every pair of axes ``a < b``."""
+    d = len(size)
+    return all(
+        lo * (1 - _EPS) <= size[b] / size[a] <= hi * (1 + _EPS)
+        for a in range(d)
+        for b in range(a + 1, d)
+    )
+
+
+def _shrink_to_ratios(size: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Shorten sides of an integer box (never lengthen) until its ratios lie in ``[lo, hi]``."""
+    size = size.astype(np.int64).copy()
+    d = len(size)
+    changed = True
+    while changed:
+        changed = False
+        for a in range(d):
+            for b in range(a + 1, d):
+                if size[b] > hi * size[a] * (1 + _EPS):
+                    new = max(1, math.floor(hi * size[a] * (1 + _EPS)))
+                    changed |= new < size[b]
+                    size[b] = min(size[b], new)
+                elif size[b] < lo * size[a] * (1 - _EPS):
+                    new = max(1, math.floor(size[b] / lo * (1 + _EPS)))
+                    changed |= new < size[a]
+                    size[a] = min(size[a], new)
+    return size
+
+
+@functools.lru_cache(maxsize=256)
+def _largest_box(shape: tuple[int, ...], lo: float, hi: float) -> tuple[int, ...]:
+    """The sides of the largest box inside ``shape`` whose ratios lie in ``[lo, hi]``.
+
+    In log sides ``x`` the ratio constraints are differences ``x_b - x_a`` in
+    ``[log lo, log hi]`` (``a < b``) and the image bounds ``x_a <= log shape[a]``: the
+    componentwise largest solution of such difference constraints is
+    ``x_a = min_b (log shape[b] + D[b, a])``, D the shortest-path bounds on ``x_a - x_b``
+    (Floyd-Warshall on ``spatial_dims`` nodes). Its sides are then floored to integers and
+    shortened where rounding broke a ratio.
+    """
+    d = len(shape)
+    bound = np.zeros((d, d))  # bound[a, b]: upper bound on x_b - x_a
+    for a in range(d):
+        for b in range(a + 1, d):
+            bound[a, b], bound[b, a] = math.log(hi), -math.log(lo)
+    for k in range(d):
+        bound = np.minimum(bound, bound[:, [k]] + bound[[k], :])
+    logs = np.log(np.asarray(shape, dtype=np.float64))
+    x = np.min(logs[:, None] + bound, axis=0)
+    size = np.clip(np.floor(np.exp(x) * (1 + _EPS)), 1, shape).astype(np.int64)
+    return tuple(int(s) for s in _shrink_to_ratios(size, lo, hi))
+
+
 class RandResizedCropd(Randomizable, MapTransform):
     """torchvision's ``RandomResizedCrop`` for N-D (2D and 3D) channel-first images.
 
-    Draws a box whose volume (area in 2D) is a fraction of the input's spatial extent
-    uniform in ``scale``, with a random shape, at a random position inside the image; crops
-    it and resizes it to ``roi_size`` (linear interpolation, ``align_corners=False``). The
-    same box is used for every key. The crop can be smaller or larger than ``roi_size``,
-    including when the whole image is smaller than ``roi_size`` (it is then upsampled).
+    Draws a box with a random volume (area in 2D) and a random shape at a random position
+    inside the image; crops it and resizes it to ``roi_size`` (linear interpolation,
+    ``align_corners=False``). The same box is used for every key. The crop can be smaller or
+    larger than ``roi_size``, including when the whole image is smaller than ``roi_size`` (it
+    is then upsampled). Every box fits the image: nothing is redrawn into a fallback that
+    squashes the whole image.
 
-    Box shape: in 2D, exactly torchvision (the ratio of the two sides is log-uniform in
-    ``ratio``); in 3D, a log-factor per axis is drawn uniformly in ``log(ratio)`` and the
-    factors are centred so their product is 1 (the volume stays as drawn). A box that does
-    not fit the image (or rounds outside ``scale``) is redrawn, up to ``max_attempts`` times,
-    then the whole image is taken, as torchvision does.
+    Ratios: ``ratio`` bounds every aspect ratio of the box. With sides ``size[0..d-1]`` in the
+    array's axis order, ``size[b] / size[a]`` lies in ``[ratio[0], ratio[1]]`` for every pair
+    of axes ``a < b``: in 2D the one ratio ``size[1] / size[0]`` (width / height,
+    torchvision's), in 3D the three ratios ``size[1] / size[0]``, ``size[2] / size[0]`` and
+    ``size[2] / size[1]``. With the default ``(3/4, 4/3)`` (symmetric: ``lo = 1 / hi``) no
+    side is more than 4/3 times another. The box's shape is drawn uniformly over the allowed
+    shapes in log space: the log sides relative to axis 0, ``log(size[a] / size[0])``, are
+    uniform in ``log(ratio)`` given that all pairwise ratios are in range (in 2D exactly
+    torchvision's log-uniform aspect ratio). Resizing the box to ``roi_size`` then stretches
+    each axis by at most the ratio range (relative to ``roi_size``'s own aspect).
+
+    Volume: the box's fraction of the image volume is uniform in ``scale``, clipped to what
+    the ratio range allows in this image: when even the largest box with ratios in range is
+    smaller than ``scale[1]`` of the image (an elongated image, e.g. a 340x240x128 CT, whose
+    largest such box is 170x170x128, 35% of it), the fraction is uniform in ``[scale[0],
+    f_max]``, ``f_max`` that box's fraction; when ``f_max < scale[0]`` the box is that
+    largest box, at a random position (torchvision falls back to the centre crop with the
+    ratio clamped). The whole image is only taken when the image's own ratios are in range.
+    For a drawn fraction, the shape is redrawn up to ``max_attempts`` times until the box
+    (sides rounded to voxels) fits with its fraction and ratios in range; otherwise the
+    largest box's shape scaled to that fraction is used, which fits by construction.
 
     The box is stored in the output under ``f"{key}_box"``: an int64 array of shape
     ``(spatial_dims, 2)`` holding ``[start, stop)`` per axis in input voxel coordinates
@@ -79,9 +154,12 @@ class RandResizedCropd(Randomizable, MapTransform):
         scale: range of the box volume as a fraction of the image volume; default
             ``(0.2, 1.0)`` (torchvision's default is (0.08, 1.0); 3D volumes hold less
             redundant context than photographs, so a larger lower bound is used).
-        ratio: range of the aspect ratio; default ``(3/4, 4/3)``, torchvision's.
+        ratio: range of every aspect ratio of the box (see above); default ``(3/4, 4/3)``,
+            torchvision's. In 3D the range must admit three consistent ratios (it does
+            whenever it contains 1).
         mode: ``"linear"`` (bilinear/trilinear), ``"nearest"`` or ``"area"``.
-        max_attempts: draws before falling back to the whole image (torchvision: 10).
+        max_attempts: shape draws for a drawn fraction before the largest box's shape is
+            used (default 30).
         allow_missing_keys: do not raise if a key is missing.
 
     Example:
@@ -98,7 +176,7 @@ class RandResizedCropd(Randomizable, MapTransform):
         scale: Sequence[float] = (0.2, 1.0),
         ratio: Sequence[float] = (3 / 4, 4 / 3),
         mode: str = "linear",
-        max_attempts: int = 10,
+        max_attempts: int = 30,
         allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
@@ -106,6 +184,12 @@ class RandResizedCropd(Randomizable, MapTransform):
         self.spatial_dims = len(self.roi_size)
         self.scale = check_range("scale", scale, 0.0, 1.0)
         self.ratio = check_range("ratio", ratio)
+        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        if self.spatial_dims == 3 and max(log_lo, 2 * log_lo) > min(log_hi, 2 * log_hi) + 1e-12:
+            raise ValueError(
+                f"ratio {ratio!r} admits no 3D box: size[1]/size[0], size[2]/size[1] and their "
+                "product size[2]/size[0] cannot all lie in it"
+            )
         if mode not in ("linear", "nearest", "area"):
             raise ValueError(f"mode must be one of 'linear', 'nearest', 'area', got {mode!r}")
         self.mode = mode
@@ -114,30 +198,51 @@ class RandResizedCropd(Randomizable, MapTransform):
         self.max_attempts = int(max_attempts)
         self.box: np.ndarray | None = None
 
+    def _draw_log_shape(self) -> np.ndarray:
+        """Log sides (mean 0) uniform over the shapes whose pairwise ratios are in range."""
+        lo, hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        d = self.spatial_dims
+        for _ in range(100):  # rejection; accepts 3/4 of the draws for a range around 1
+            logs = np.concatenate([[0.0], self.R.uniform(lo, hi, size=d - 1)])
+            diffs = [logs[b] - logs[a] for a in range(d) for b in range(a + 1, d)]
+            if all(lo - 1e-12 <= v <= hi + 1e-12 for v in diffs):
+                break
+        else:  # a narrow 3D range: the point of the allowed set nearest the cube
+            q = min(max(0.0, max(lo, 2 * lo)), min(hi, 2 * hi))
+            logs = np.array([0.0, q / 2, q])
+        return logs - logs.mean()
+
     def randomize(self, spatial_shape: Sequence[int]) -> None:
         """Draw ``self.box`` (``[start, stop)`` per axis) for an image of ``spatial_shape``."""
         shape = np.asarray(spatial_shape, dtype=np.int64)
-        total = float(np.prod(shape))
-        log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
-        for _ in range(self.max_attempts):
-            fraction = self.R.uniform(*self.scale)
-            if self.spatial_dims == 2:  # torchvision: one aspect ratio, split between the sides
-                a = self.R.uniform(log_lo, log_hi)
-                log_f = np.array([-a / 2, a / 2])
-            else:
-                log_f = self.R.uniform(log_lo, log_hi, size=self.spatial_dims)
-                log_f -= log_f.mean()
-            size = np.round((fraction * total) ** (1 / self.spatial_dims) * np.exp(log_f)).astype(
-                np.int64
+        if shape.shape != (self.spatial_dims,) or np.any(shape < 1):
+            raise ValueError(
+                f"spatial_shape must hold {self.spatial_dims} positive sizes, got {spatial_shape!r}"
             )
-            if np.all(size >= 1) and np.all(size <= shape):
-                if self.scale[0] <= np.prod(size) / total <= self.scale[1]:
-                    start = np.array(
-                        [self.R.randint(0, s - c + 1) for s, c in zip(shape, size, strict=True)]
-                    )
-                    self.box = np.stack([start, start + size], axis=1).astype(np.int64)
-                    return
-        self.box = np.stack([np.zeros_like(shape), shape], axis=1).astype(np.int64)
+        total = float(np.prod(shape))
+        largest = np.array(_largest_box(tuple(int(s) for s in shape), *self.ratio))
+        top = float(np.prod(largest)) / total
+        hi = min(self.scale[1], top)
+        lo = min(self.scale[0], hi)
+        fraction = self.R.uniform(lo, hi)
+        side = (fraction * total) ** (1 / self.spatial_dims)
+        size = largest if lo == top else None  # only the largest box is allowed
+        for _ in range(0 if size is not None else self.max_attempts):
+            draw = np.round(side * np.exp(self._draw_log_shape())).astype(np.int64)
+            frac = float(np.prod(draw)) / total
+            if (
+                np.all(draw >= 1)
+                and np.all(draw <= shape)
+                and lo * (1 - _EPS) <= frac <= hi * (1 + _EPS)
+                and _ratios_ok(draw, *self.ratio)
+            ):
+                size = draw
+                break
+        if size is None:  # the largest box's shape scaled to the fraction: it fits
+            scaled = np.round(largest * (fraction / top) ** (1 / self.spatial_dims))
+            size = _shrink_to_ratios(np.clip(scaled, 1, largest), *self.ratio)
+        start = np.array([self.R.randint(0, s - c + 1) for s, c in zip(shape, size, strict=True)])
+        self.box = np.stack([start, start + size], axis=1).astype(np.int64)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
