@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from byol3d.data.synthetic_ct import write_demo_dataset
-from tests.test_export import write_run
+from tests.evaluation.test_export import write_run
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "finetune_segmentation.py"
 

@@ -17,7 +17,7 @@ from byol3d.evaluation.features import (
     load_encoder,
 )
 from byol3d.transforms import build_transforms
-from tests.test_export import write_run
+from tests.evaluation.test_export import write_run
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from byol3d.data.discovery import read_image_csv
 from byol3d.data.synthetic_ct import write_demo_dataset
 from byol3d.errors import DataError
 from byol3d.evaluation.probe import knn_accuracy, linear_probe_accuracy, loo_knn_accuracy
-from tests.test_export import write_run
+from tests.evaluation.test_export import write_run
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_evaluate_compares_with_random_encoders_of_the_run_seed_policy(phantoms,
 
 def test_online_knn_monitor_logs_to_epochs_csv(phantoms, tmp_path):
     from byol3d.training.pretrain import pretrain
-    from tests.test_train import tiny_config
+    from tests.training.test_pretrain import tiny_config
 
     cfg = tiny_config(phantoms / "images", tmp_path / "run", "train.max_epochs=2",
                       f"train.knn_csv={phantoms / 'classes.csv'}", "train.knn_every=2")  # fmt: skip
