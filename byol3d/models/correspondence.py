@@ -1,7 +1,37 @@
-"""TODO docstring for models.correspondence."""
+"""Correspondence between two views: source points, their view coordinates, their feature cells.
+
+Dense (local) BYOL compares two views of one image where they show the same anatomy. Three
+coordinate systems are involved, and each step here maps one into the next exactly:
+
+* **source** voxel coordinates, continuous: voxel ``i`` of an axis spans ``[i, i + 1)``, its
+  centre is ``i + 0.5``. :func:`overlap_points` samples a regular grid in the overlap of two
+  views' crop boxes (``{view}_box``, :class:`byol3d.transforms.crops.RandResizedCropd`).
+* **view** coordinates, normalised: ``u`` in ``[0, 1]`` over each axis of the view (0 its
+  first edge, 1 its last), ``grid_sample``'s ``align_corners=False`` convention after
+  ``2 * u - 1``. :func:`source_to_view` undoes the crop-resize, the flips and the 90-degree
+  turns recorded for the view.
+* **feature-cell** indices, continuous: cell ``j`` of an encoder's feature map at ``j``.
+  :func:`view_to_cells` uses the network's real geometry. In MONAI's ResNet every downsampling
+  (conv1 7x7 stride 2 padding 3, maxpool 3x3 stride 2 padding 1, the first block of
+  layer2..4: a 3x3 stride-2 padding-1 convolution and a 1x1 stride-2 shortcut) is a padded
+  odd-kernel stride-2 stage, which centres its output cell ``j`` on its input cell ``2 * j``;
+  composed, cell ``j`` of a map with total stride ``s`` is centred on view voxel ``s * j``
+  (voxel index, i.e. edge coordinate ``s * j + 0.5``), not on ``(j + 0.5) * s - 0.5`` as an
+  "each cell covers 1/n of the view" rule assumes (3.5 voxels off on layer2, 7.5 on layer3;
+  under a flip the two views' errors add up to about 0.9 cell). Input gradients confirm it
+  (``tests/models/test_dense_geometry.py``). The stride follows from the view and map sizes
+  (:func:`feature_stride`); ``offset`` is there for encoders whose cells sit elsewhere.
+
+>>> import torch
+>>> box = torch.tensor([[[0, 64], [0, 64]]])  # a 2D view of source voxels 0..63 per axis
+>>> u = source_to_view(torch.tensor([[[16.5, 40.5]]]), box)  # centres of voxels 16 and 40
+>>> view_to_cells(u, view_shape=(64, 64), map_shape=(8, 8))  # stride 8: on cells 2 and 5
+tensor([[[2., 5.]]])
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -106,3 +136,125 @@ def overlap_points(
     frac = torch.stack(torch.meshgrid(*([steps] * dims), indexing="ij"), dim=-1).reshape(-1, dims)
     points = lo.unsqueeze(1) + frac.unsqueeze(0) * (hi - lo).unsqueeze(1)
     return points, valid
+
+
+def feature_stride(view_size: int, map_size: int) -> int:
+    """The total stride of one axis of a feature map of byol3d's encoders.
+
+    Each stride-2 stage of MONAI's ResNet is padded so that ``n`` voxels give ``ceil(n / 2)``
+    cells, and such stages compose (``ceil(ceil(N / a) / b) == ceil(N / (a * b))``): a map of
+    total stride ``s`` has ``ceil(N / s)`` cells for a view of ``N`` voxels, whether or not
+    ``s`` divides ``N``. For ``map_size >= 2`` exactly one power of two ``s`` gives
+    ``ceil(view_size / s) == map_size``; it is returned. A one-cell map has no position to
+    resolve (any stride reads the same value); the smallest power of two ``>= view_size`` is
+    returned. (``view_size / map_size`` would be wrong where ``s`` does not divide the view:
+    36 voxels give 3 cells at stride 16, not 12.)
+
+    Args:
+        view_size: voxels of the view (the encoder's input) along the axis.
+        map_size: cells of the feature map along the axis.
+
+    Raises:
+        ValueError: when no power-of-two stride fits (the map is larger than the view, or
+            comes from a network that is not a chain of padded stride-2 stages: pass the
+            stride explicitly to :func:`view_to_cells`).
+
+    >>> feature_stride(128, 8), feature_stride(36, 3), feature_stride(64, 64)
+    (16, 16, 1)
+    """
+    n, m = int(view_size), int(map_size)
+    if n < 1 or m < 1:
+        raise ValueError(
+            f"view_size and map_size must be positive, got {view_size!r}, {map_size!r}"
+        )
+    if m == 1:
+        return 1 << max(0, math.ceil(math.log2(n)))
+    s = 1
+    while -(-n // s) > m:
+        s *= 2
+    if -(-n // s) != m:
+        raise ValueError(
+            f"a feature map of {m} cells does not come from {n} voxels through stride-2 stages "
+            "(no power-of-two stride s gives ceil(view_size / s) == map_size); pass stride"
+        )
+    return s
+
+
+def _per_axis(name: str, value, dims: int) -> list[float]:
+    values = [value] * dims if isinstance(value, (int, float)) else list(value)
+    if len(values) != dims:
+        raise ValueError(f"{name} must be a number or {dims} numbers, got {value!r}")
+    return [float(v) for v in values]
+
+
+def _cell_geometry(view_shape, map_shape, stride, offset) -> tuple[list[float], list[float]]:
+    dims = len(map_shape)
+    view = [int(v) for v in view_shape]
+    if len(view) != dims:
+        raise ValueError(
+            f"view_shape {tuple(view_shape)} and map_shape {tuple(map_shape)} differ in length"
+        )
+    if stride is None:
+        strides = [float(feature_stride(v, m)) for v, m in zip(view, map_shape, strict=True)]
+    else:
+        strides = _per_axis("stride", stride, dims)
+        if any(s <= 0 for s in strides):
+            raise ValueError(f"stride must be positive, got {stride!r}")
+    return strides, _per_axis("offset", offset, dims)
+
+
+def view_to_cells(
+    coords: torch.Tensor,
+    view_shape: Sequence[int],
+    map_shape: Sequence[int],
+    stride: float | Sequence[float] | None = None,
+    offset: float | Sequence[float] = 0.0,
+) -> torch.Tensor:
+    """Continuous feature-cell indices of points given in a view's normalised coordinates.
+
+    Cell ``j`` of a map with total stride ``s`` is centred on view voxel ``s * j + offset``
+    (voxel index; ``offset`` is 0 for MONAI's ResNet, see the module docstring), so a point
+    ``u`` (edge coordinate ``u * N``, voxel-index coordinate ``u * N - 0.5``) lies at cell
+    ``c = (u * N - 0.5 - offset) / s``; integer ``c`` are cell centres.
+
+    Args:
+        coords: ``(..., spatial_dims)`` view coordinates in [0, 1] per axis
+            (:func:`source_to_view`).
+        view_shape: the view's spatial shape (the encoder's input), e.g. ``x.shape[2:]``.
+        map_shape: the feature map's spatial shape.
+        stride: voxels per cell, one number or one per axis; None: :func:`feature_stride`.
+        offset: where cell 0 is centred, in view voxels (one number or one per axis).
+
+    Returns:
+        float32 cell indices, same shape as ``coords``.
+    """
+    dims = coords.shape[-1]
+    if len(map_shape) != dims:
+        raise ValueError(f"coords have {dims} axes but map_shape is {tuple(map_shape)}")
+    strides, offsets = _cell_geometry(view_shape, map_shape, stride, offset)
+    view = torch.tensor([float(v) for v in view_shape], device=coords.device)
+    s = torch.tensor(strides, device=coords.device)
+    o = torch.tensor(offsets, device=coords.device)
+    return (coords.float() * view - 0.5 - o) / s
+
+
+def cells_to_view(
+    cells: torch.Tensor,
+    view_shape: Sequence[int],
+    map_shape: Sequence[int],
+    stride: float | Sequence[float] | None = None,
+    offset: float | Sequence[float] = 0.0,
+) -> torch.Tensor:
+    """The inverse of :func:`view_to_cells`: view coordinates of continuous cell indices.
+
+    >>> cells_to_view(torch.tensor([[2.0]]), view_shape=(64,), map_shape=(8,))  # voxel 16
+    tensor([[0.2578]])
+    """
+    dims = cells.shape[-1]
+    if len(map_shape) != dims:
+        raise ValueError(f"cells have {dims} axes but map_shape is {tuple(map_shape)}")
+    strides, offsets = _cell_geometry(view_shape, map_shape, stride, offset)
+    view = torch.tensor([float(v) for v in view_shape], device=cells.device)
+    s = torch.tensor(strides, device=cells.device)
+    o = torch.tensor(offsets, device=cells.device)
+    return (cells.float() * s + o + 0.5) / view
