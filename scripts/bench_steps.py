@@ -59,7 +59,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _byol3d_model(setup: StepSetup, channels_last: bool) -> BYOL:
+def byol3d_model(setup: StepSetup, channels_last: bool) -> BYOL:
     torch.manual_seed(0)
     enc = build_encoder(
         setup.encoder, spatial_dims=setup.spatial_dims, in_channels=setup.in_channels
@@ -78,7 +78,7 @@ def byol3d_engine(setup: StepSetup, amp: str, channels_last: bool, log_every: in
     """byol3d as ``byol3d pretrain`` runs it: create_trainer + Reseed, TargetUpdate,
     MetricsLogger (metrics.csv every ``log_every`` iterations) and the warm-up/cosine lr
     scheduler, fed the in-memory batches by ``trainer.run``."""
-    model = _byol3d_model(setup, channels_last)
+    model = byol3d_model(setup, channels_last)
     opt = build_optimizer(model, "adamw", lr=setup.lr, weight_decay=setup.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup_steps=10, total_steps=1000))
     amp_dtype = resolve_amp(amp, setup.device)
@@ -108,7 +108,7 @@ def byol3d_engine(setup: StepSetup, amp: str, channels_last: bool, log_every: in
 
 def byol3d_bare(setup: StepSetup, amp: str, channels_last: bool):
     """The same BYOL module, optimizer, scheduler and EMA in a plain loop: the bare compute."""
-    model = _byol3d_model(setup, channels_last)
+    model = byol3d_model(setup, channels_last)
     opt = build_optimizer(model, "adamw", lr=setup.lr, weight_decay=setup.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup_steps=10, total_steps=1000))
     amp_dtype = resolve_amp(amp, setup.device)

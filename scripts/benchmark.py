@@ -31,6 +31,7 @@ import platform
 import statistics
 import sys
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -43,12 +44,13 @@ from bench_steps import (  # noqa: E402
     StepSetup,
     byol3d_bare,
     byol3d_engine,
+    byol3d_model,
     byol_pytorch_loop,
     lightly_loop,
     make_batches,
 )
 
-from byol3d.training.accel import memory_format, resolve_channels_last
+from byol3d.training.accel import apply_speed_options, memory_format, resolve_channels_last
 from byol3d.training.engine import resolve_amp
 
 PRESETS = {
@@ -202,10 +204,8 @@ def run_group(title, setup, sides, iters, repeats, mem, log) -> list[dict]:
 
 def flop_rows(setup, amp, mem, log) -> dict:
     """FLOPs per step of byol3d's model and the largest-conv roof at the defaults' precision."""
-    from bench_steps import _byol3d_model
-
     channels_last = resolve_channels_last("auto", setup.device)
-    model = _byol3d_model(setup, channels_last)
+    model = byol3d_model(setup, channels_last)
     v = make_batches(setup, 1)[0]
     flops = step_flops(model, v["view1"], v["view2"])
     amp_dtype = resolve_amp(amp, setup.device)
@@ -394,8 +394,6 @@ def _missing(module):
 def _switch(setup, **options):
     """byol3d's engine in fp32 with one more speed switch on."""
     run, amp_dtype = byol3d_engine(setup, "none", False)
-    from byol3d.training.accel import apply_speed_options
-
     apply_speed_options(run.model, spatial_dims=setup.spatial_dims, **options)
     return run, amp_dtype
 
@@ -422,8 +420,6 @@ def _machine(device) -> dict:
 
 
 def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {"python": platform.python_version()}
     for pkg in (
         "torch",

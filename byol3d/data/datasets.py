@@ -1,7 +1,8 @@
-"""Data: find the images under a folder, split them, and build a (cached) two-view dataset.
+"""Datasets: a (cached) two-view dataset of image files, its memory cost, bad-file checks.
 
->>> from byol3d.data import build_dataset, find_images, split_train_val
->>> from byol3d.transforms import ct_preprocess, view_transforms
+>>> from byol3d.data.datasets import build_dataset
+>>> from byol3d.data.discovery import find_images, split_train_val
+>>> from byol3d.transforms.ct import ct_preprocess, view_transforms
 >>> files = find_images("/data/ct")                          # doctest: +SKIP
 >>> train, val = split_train_val(files, val_fraction=0.1, seed=0)  # doctest: +SKIP
 >>> ds = build_dataset(train, ct_preprocess(), view_transforms(), cache="cache")  # doctest: +SKIP
@@ -34,8 +35,9 @@ from monai.data import CacheDataset, Dataset, PersistentDataset
 from monai.data.utils import json_hashing
 from monai.transforms import Compose, LoadImaged, Spacingd, SpatialPadd, apply_transform
 
+from byol3d.checks import check_number
 from byol3d.data.discovery import is_image
-from byol3d.data.readers import dicom_series_files, find_data_error
+from byol3d.data.readers import data_errors_unwrapped, dicom_series_files, find_data_error
 from byol3d.errors import DataError
 
 logger = logging.getLogger("byol3d")
@@ -159,13 +161,8 @@ class ViewDataset(Dataset):
         self.cache_bytes: int | None = None
 
     def _transform(self, index: int) -> Any:
-        try:
+        with data_errors_unwrapped():
             item = self.data[index]
-        except Exception as exc:
-            err = find_data_error(exc)
-            if err is None:
-                raise
-            raise err from None
         return apply_transform(self.transform, dict(item))
 
 
@@ -228,10 +225,8 @@ def build_dataset(
     """
     if cache not in CACHE_KINDS:
         raise ValueError(f"cache must be one of {', '.join(CACHE_KINDS)}, got {cache!r}")
-    if isinstance(cache_rate, bool) or not 0.0 <= float(cache_rate) <= 1.0:
-        raise ValueError(f"cache_rate must lie in [0, 1], got {cache_rate!r}")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+    check_number("cache_rate", cache_rate, 0.0, 1.0)
+    check_number("num_workers", num_workers, 0, integer=True)
     if cache == "persistent" and not cache_dir:
         raise ValueError("cache_dir must be given for cache='persistent'")
     loader = _first_of(preprocess, LoadImaged)
@@ -246,53 +241,56 @@ def build_dataset(
     n = int(len(rows) * cache_rate) if cache == "cache" else len(rows)  # CacheDataset's count
     paths = [r[key] for r in rows[:n] if isinstance(r.get(key), (str, os.PathLike))]
     est = estimate_cache_bytes(paths, pixdim=pixdim, roi_size=roi)
-    note = "float32 after preprocessing, upper bound before foreground crop"
-    try:
+    with data_errors_unwrapped():
         if cache == "cache":
-            logger.info("caching %d volumes in RAM: about %s (%s)", n, _human(est), note)
-            free = _available_ram()
-            if free is not None and est > free:
-                logger.warning(
-                    "the RAM cache (about %s) may not fit in the %s available: use cache='persistent' "
-                    "or a lower cache_rate",
-                    _human(est),
-                    _human(free),
-                )
-            base: Dataset = CacheDataset(
-                rows,
-                preprocess,
-                cache_rate=cache_rate,
-                num_workers=max(num_workers, 1),
-                progress=progress,
-            )
+            base = _ram_cache(rows, preprocess, est, n, cache_rate, num_workers, progress)
         else:
-            folder = Path(cache_dir).expanduser()
-            folder.mkdir(parents=True, exist_ok=True)
-            logger.info(
-                "caching %d volumes on disk in %s: about %s (%s)",
-                n,
-                folder,
-                _human(est),
-                note,
-            )
-            free = shutil.disk_usage(folder).free
-            if est > free:
-                logger.warning(
-                    "the disk cache (about %s) may not fit in the %s free",
-                    _human(est),
-                    _human(free),
-                )
-            config = getattr(preprocess, "config", None)
-            hasher = _ConfigHash(config) if config else json_hashing
-            base = PersistentDataset(rows, preprocess, cache_dir=folder, hash_transform=hasher)
-    except Exception as exc:
-        err = find_data_error(exc)
-        if err is None:
-            raise
-        raise err from None
+            base = _disk_cache(rows, preprocess, est, Path(cache_dir).expanduser())
     dataset = ViewDataset(base, views)
     dataset.cache_bytes = est
     return dataset
+
+
+_COST_NOTE = "float32 after preprocessing, upper bound before foreground crop"
+
+
+def _ram_cache(
+    rows: list[dict], preprocess: Compose, est: int, n: int, cache_rate: float,
+    num_workers: int, progress: bool,
+) -> CacheDataset:  # fmt: skip
+    """A ``CacheDataset`` of ``rows``, after logging (and maybe warning about) its cost."""
+    logger.info("caching %d volumes in RAM: about %s (%s)", n, _human(est), _COST_NOTE)
+    free = _available_ram()
+    if free is not None and est > free:
+        logger.warning(
+            "the RAM cache (about %s) may not fit in the %s available: use cache='persistent' "
+            "or a lower cache_rate",
+            _human(est),
+            _human(free),
+        )
+    return CacheDataset(
+        rows, preprocess, cache_rate=cache_rate, num_workers=max(num_workers, 1), progress=progress
+    )
+
+
+def _disk_cache(rows: list[dict], preprocess: Compose, est: int, folder: Path) -> PersistentDataset:
+    """A ``PersistentDataset`` in ``folder`` keyed to the preprocessing, after logging its cost."""
+    folder.mkdir(parents=True, exist_ok=True)
+    logger.info(
+        "caching %d volumes on disk in %s: about %s (%s)",
+        len(rows),
+        folder,
+        _human(est),
+        _COST_NOTE,
+    )
+    free = shutil.disk_usage(folder).free
+    if est > free:
+        logger.warning(
+            "the disk cache (about %s) may not fit in the %s free", _human(est), _human(free)
+        )
+    config = getattr(preprocess, "config", None)
+    hasher = _ConfigHash(config) if config else json_hashing
+    return PersistentDataset(rows, preprocess, cache_dir=folder, hash_transform=hasher)
 
 
 class _FileCheck(torch.utils.data.Dataset):

@@ -1,12 +1,14 @@
-"""2D frames on disk: find them, read a CSV list of them, load them as RGB (or grey) tensors.
+"""Which files a run reads: folder searches and CSV lists of images, and the train/val split.
 
-Surgical-video datasets ship as folders of extracted frames (one sub-folder per video) or as
-a CSV list (e.g. ``id,label`` with the images under ``root/images/ID.png``). This module
-turns either into the list of image paths that :func:`byol3d.data.build_dataset` takes, and
-provides the MONAI loader that reads a frame in any PIL mode (greyscale, palette, RGBA,
-16-bit) as the configured channel count:
+- :func:`find_images`: 3D volumes (NIfTI, NRRD, MetaImage) and DICOM series folders under
+  a folder; :func:`find_frames`: 2D frames (PNG, JPEG, BMP, TIFF), e.g. one sub-folder per
+  video; both skip hidden files and say what they found instead when they find nothing.
+- :func:`read_image_list`: the one reader of CSV lists (``data.csv``, ``train.knn_csv``,
+  ``byol3d evaluate/extract --csv``), with one path rule (see its docstring).
+- :func:`list_images`: what ``byol3d pretrain`` trains on (a CSV list, else a search);
+  :func:`split_train_val`: the seeded validation split.
 
->>> from byol3d.frames import find_frames, list_images, read_image_list
+>>> from byol3d.data.discovery import find_frames, list_images, read_image_list
 >>> find_frames("/data/frames")[:2]                                      # doctest: +SKIP
 ['/data/frames/video01/000000.png', '/data/frames/video01/000025.png']
 >>> read_image_list("/data/train.csv", root="/data")[0]                  # doctest: +SKIP
@@ -31,7 +33,8 @@ from typing import Any
 import SimpleITK as sitk
 from monai.config import PathLike
 
-from byol3d.data.readers import FRAME_SUFFIXES
+from byol3d.checks import check_number
+from byol3d.data.frame_reader import FRAME_SUFFIXES
 from byol3d.errors import DataError
 
 logger = logging.getLogger("byol3d")
@@ -138,8 +141,7 @@ def split_train_val(
     Returns:
         ``(train, val)``, disjoint lists of strings.
     """
-    if isinstance(val_fraction, bool) or not 0.0 <= float(val_fraction) < 1.0:
-        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction!r}")
+    check_number("val_fraction", val_fraction, 0.0, 1.0, high_open=True)
     names = sorted(str(f) for f in files)
     if len(set(names)) != len(names):
         dupes = sorted(n for n, c in Counter(names).items() if c > 1)
@@ -200,36 +202,71 @@ def find_frames(root: PathLike) -> list[str]:
     )
 
 
-def _resolve(value: str, root: Path | None, base: Path) -> Path:
-    path = Path(value).expanduser()
-    if path.is_absolute():
-        return path
-    return (root if root is not None else base) / path
-
-
-def read_image_list(csv_path: PathLike, root: PathLike | None = None) -> list[dict[str, Any]]:
+def read_image_list(
+    csv_path: PathLike, root: PathLike | None = None, require_label: bool = False
+) -> list[dict[str, Any]]:
     """The rows of a CSV list of images, each as ``{"image": path, "id": ..., "label": ...}``.
 
-    Columns: ``path`` (a file, absolute or relative to ``root``) or ``id`` (then the file is
-    the first existing ``root/images/ID.EXT`` or ``root/ID.EXT`` for EXT in .png, .jpg,
-    .jpeg, .bmp, .tif, .tiff, .nii.gz, .nii, .nrrd, .mha, .mhd, or ``ID`` itself when it
-    already carries a suffix), at least one of them; ``label`` is optional and passed on as
-    the string it is (empty cells are left out). Other columns are ignored. ``root``
-    defaults to the CSV's folder.
+    The one reader of image lists (``data.csv``, ``train.knn_csv``, ``byol3d evaluate
+    --csv``, ``byol3d extract --csv``), with one path rule:
+
+    - a ``path`` cell is a file (or a DICOM series folder), absolute or relative to ``root``;
+    - an ``id`` cell names the first that exists of ``root/images/ID.EXT`` and
+      ``root/ID.EXT`` for EXT in .png, .jpg, .jpeg, .bmp, .tif, .tiff, .nii.gz, .nii, .nrrd,
+      .mha, .mhd, then ``root/images/ID`` and ``root/ID`` (a DICOM series folder, or an id
+      that already carries its suffix);
+    - ``root`` defaults to the CSV's folder.
+
+    At least one of the two columns is needed; ``label`` is optional and passed on as the
+    string it is (empty cells are left out) unless ``require_label``. Other columns are
+    ignored.
 
     Args:
         csv_path: the CSV file (comma-separated, with a header row).
         root: the folder that relative paths and ids are resolved against.
+        require_label: every row needs a non-empty ``label``, and there must be two classes
+            at least (what a probe needs).
 
     Returns:
-        One dict per row, in file order; ``"id"`` is the ``id`` cell, or the path's stem.
+        One dict per row, in file order; ``"id"`` is the ``id`` cell, or the file name
+        without its image suffix.
 
     Raises:
         DataError: an unreadable CSV, no ``path``/``id`` column, an empty cell, a file that
-            does not exist (named with its CSV line), or the same file listed twice.
+            does not exist (named with its CSV line), the same file listed twice, or (with
+            ``require_label``) a missing label column, an empty label or a single class.
     """
     csv_file = Path(csv_path).expanduser()
-    base = Path(root).expanduser() if root else None
+    base = Path(root).expanduser() if root else csv_file.parent
+    columns, rows = _read_csv(csv_file)
+    where = f"CSV list {csv_path}"
+    if "path" not in columns and "id" not in columns:
+        raise DataError(f"{where} needs a 'path' or an 'id' column, found columns {columns}")
+    if require_label and "label" not in columns:
+        raise DataError(f"{where} needs a 'label' column, found columns {columns}")
+    out: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for line, row in enumerate(rows, start=2):
+        item = _row_item(row, base, f"{where} line {line}")
+        if require_label and "label" not in item:
+            raise DataError(f"{where} line {line}: empty label")
+        key = os.path.normpath(item["image"])
+        if key in seen:
+            raise DataError(
+                f"{where} line {line}: {item['image']} is already listed on line {seen[key]}"
+            )
+        seen[key] = line
+        out.append(item)
+    if not out:
+        raise DataError(f"{where} lists no images (only a header)")
+    classes = {item.get("label") for item in out}
+    if require_label and len(classes) < 2:
+        raise DataError(f"{where}: at least two classes are needed, found {len(classes)}")
+    return out
+
+
+def _read_csv(csv_file: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """The stripped header and rows of a CSV file (a BOM is dropped)."""
     try:
         with csv_file.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
@@ -238,52 +275,46 @@ def read_image_list(csv_path: PathLike, root: PathLike | None = None) -> list[di
                 {(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader
             ]
     except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise DataError(f"cannot read data.csv {csv_path}: {err}") from err
-    if "path" not in columns and "id" not in columns:
-        raise DataError(
-            f"data.csv {csv_path} needs a 'path' or an 'id' column, found columns {columns}"
-        )
-    out: list[dict[str, Any]] = []
-    seen: dict[str, int] = {}
-    for line, row in enumerate(rows, start=2):
-        item = _row_item(row, base, csv_file, line)
-        key = os.path.normpath(item["image"])
-        if key in seen:
-            raise DataError(
-                f"data.csv {csv_path} line {line}: {item['image']} is already listed on line {seen[key]}"
-            )
-        seen[key] = line
-        out.append(item)
-    if not out:
-        raise DataError(f"data.csv {csv_path} lists no images (only a header)")
-    return out
+        raise DataError(f"cannot read CSV list {csv_file}: {err}") from err
+    return columns, rows
 
 
-def _row_item(row: dict[str, str], base: Path | None, csv_file: Path, line: int) -> dict[str, Any]:
-    where = f"data.csv {csv_file} line {line}"
+def _row_item(row: dict[str, str], base: Path, where: str) -> dict[str, Any]:
+    """One row as ``{"image", "id", "label"?}`` by :func:`read_image_list`'s path rule."""
     if row.get("path"):
-        path = _resolve(row["path"], base, csv_file.parent)
+        path = base / Path(row["path"]).expanduser()  # an absolute path replaces base
         if not path.exists():
             raise DataError(f"{where}: image {path} does not exist")
     elif row.get("id"):
-        folder = base if base is not None else csv_file.parent
+        name = row["id"]
         candidates = [
-            folder / sub / f"{row['id']}{ext}" for ext in _ID_SUFFIXES for sub in ("images", ".")
+            base / sub / f"{name}{ext}" for ext in _ID_SUFFIXES for sub in ("images", ".")
         ]
-        if Path(row["id"]).suffix:
-            candidates.insert(0, _resolve(row["id"], base, csv_file.parent))
+        candidates += [base / "images" / name, base / name]
         path = next((c for c in candidates if c.exists()), None)
         if path is None:
             raise DataError(
-                f"{where}: no image for id {row['id']!r} ({folder / 'images' / row['id']}.png, "
-                f"{folder / row['id']}.png or another of {', '.join(_ID_SUFFIXES)})"
+                f"{where}: no image for id {name!r} ({base / 'images' / name}.png, "
+                f"{base / name}.png or another of {', '.join(_ID_SUFFIXES)})"
             )
     else:
         raise DataError(f"{where}: empty 'path' and 'id'")
-    item: dict[str, Any] = {"image": os.path.normpath(str(path)), "id": row.get("id") or path.stem}
+    item: dict[str, Any] = {
+        "image": os.path.normpath(str(path)),
+        "id": row.get("id") or _stem(path),
+    }
     if row.get("label"):
         item["label"] = row["label"]
     return item
+
+
+def _stem(path: Path) -> str:
+    """The file name without its image suffix (``ct_001.nii.gz`` -> ``ct_001``)."""
+    name = path.name
+    for suffix in sorted(_ID_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def list_images(
@@ -296,7 +327,7 @@ def list_images(
 
     - ``csv`` set: the rows of :func:`read_image_list` (2D or 3D files alike);
     - otherwise, for ``spatial_dims`` 2, :func:`find_frames` under ``root``; for 3, the
-      volumes and DICOM series of :func:`byol3d.data.find_images`.
+      volumes and DICOM series of :func:`byol3d.data.discovery.find_images`.
 
     Raises:
         DataError: as the functions above, or when neither ``root`` nor ``csv`` is given.
@@ -310,68 +341,15 @@ def list_images(
         )
     if spatial_dims == 2:
         return find_frames(root)
-    pass
-
     return find_images(root, dicom=dicom)
 
 
 def read_image_csv(
-    path: str | Path, root: str | Path | None = None, require_label: bool = True
+    path: PathLike, root: PathLike | None = None, require_label: bool = True
 ) -> list[dict[str, Any]]:
-    """Rows ``{"path", "id"?, "label"?}`` of an image list CSV, paths made absolute and checked.
+    """:func:`read_image_list` with labels required by default and ``"path"`` for ``"image"``.
 
-    Args:
-        path: CSV with a header; columns ``path`` or ``id``, and ``label``.
-        root: folder that relative paths (and ids) are resolved against; default the CSV's folder.
-        require_label: raise when the ``label`` column is missing or empty.
-
-    Raises:
-        DataError: naming the file, the row or the column that is missing.
+    The spelling :mod:`byol3d.evaluation` reads labelled lists with; same rule, same errors.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"labels CSV {str(path)!r} does not exist")
-    base = Path(root) if root is not None else path.parent
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        columns = reader.fieldnames or []
-        rows = list(reader)
-    if "path" not in columns and "id" not in columns:
-        raise DataError(f"{str(path)!r} needs a 'path' or 'id' column, has {columns}")
-    if require_label and "label" not in columns:
-        raise DataError(f"{str(path)!r} needs a 'label' column, has {columns}")
-    if not rows:
-        raise DataError(f"{str(path)!r} has no rows")
-    by_id: dict[str, str] = {}
-    if "path" not in columns:
-        pass
-
-        for found in find_images(base, dicom=True):
-            name = Path(found).name
-            for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
-                name = name.removesuffix(ext)
-            by_id[name] = found
-    out = []
-    for line, row in enumerate(rows, start=2):
-        entry: dict[str, Any] = {}
-        if row.get("path"):
-            file = Path(row["path"]) if Path(row["path"]).is_absolute() else base / row["path"]
-        elif row.get("id") in by_id:
-            file = Path(by_id[row["id"]])
-        else:
-            raise DataError(f"{str(path)!r} line {line}: no path, and no file under {str(base)!r} named {row.get('id')!r}")  # fmt: skip
-        if not file.exists():
-            raise DataError(f"{str(path)!r} line {line}: {str(file)!r} does not exist")
-        entry["path"] = str(file)
-        if row.get("id"):
-            entry["id"] = row["id"]
-        if "label" in columns:
-            if not (row.get("label") or "").strip():
-                if require_label:
-                    raise DataError(f"{str(path)!r} line {line}: empty label")
-            else:
-                entry["label"] = row["label"].strip()
-        out.append(entry)
-    if require_label and len({r["label"] for r in out}) < 2:
-        raise DataError(f"{str(path)!r}: at least two classes are needed, found {len({r['label'] for r in out})}")  # fmt: skip
-    return out
+    rows = read_image_list(path, root, require_label=require_label)
+    return [{("path" if k == "image" else k): v for k, v in row.items()} for row in rows]

@@ -16,7 +16,7 @@ unreadable files (here), unusable ones (:class:`ValidateImaged`: wrong channel c
 dimensionality, NaN/Inf), and :func:`find_data_error` digs such an error out of the
 ``RuntimeError`` MONAI wraps around anything raised inside a transform chain.
 
->>> from byol3d.readers import image_loader
+>>> from byol3d.data.readers import image_loader
 >>> load = image_loader("image")
 >>> load({"image": "ct.nrrd"})["image"].shape        # doctest: +SKIP
 torch.Size([512, 512, 120])
@@ -24,8 +24,9 @@ torch.Size([512, 512, 120])
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +34,15 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 from monai.config import KeysCollection, PathLike
-from monai.data import ImageReader, MetaTensor, NibabelReader, PILReader
+from monai.data import ImageReader, MetaTensor, NibabelReader
 from monai.data.utils import orientation_ras_lps
 from monai.transforms import LoadImaged, MapTransform
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
-from PIL import Image
 
 from byol3d.errors import DataError
 
 logger = logging.getLogger("byol3d")
 
-
-#: Frame files :func:`find_frames` collects (matched case-insensitively).
-FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 #: Single-file formats read by :class:`SimpleITKReader` (besides DICOM series folders).
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -287,7 +284,8 @@ def find_data_error(exc: BaseException) -> DataError | None:
 
     MONAI wraps every exception raised inside a transform chain or a dataset in
     ``RuntimeError("applying transform ...")``; this follows ``__cause__``/``__context__``
-    down to the user-data error so it can be reported in one line.
+    down to the user-data error so it can be reported in one line. The one place that walks
+    such chains (:func:`data_errors_unwrapped` and ``check_files`` use it).
     """
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
@@ -296,6 +294,30 @@ def find_data_error(exc: BaseException) -> DataError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+@contextlib.contextmanager
+def data_errors_unwrapped() -> Iterator[None]:
+    """Re-raise a :class:`DataError` buried in MONAI's wrapping exceptions as itself.
+
+    >>> with data_errors_unwrapped():                     # doctest: +SKIP
+    ...     preprocess({"image": "broken.nii.gz"})        # DataError, not RuntimeError
+
+    Any other exception passes unchanged.
+    """
+    try:
+        yield
+    except Exception as exc:
+        err = find_data_error(exc)
+        if err is None:
+            raise
+        raise err from None
+
+
+def as_tensor(img: Any) -> torch.Tensor:
+    """A plain ``torch.Tensor`` of an image: a ``MetaTensor``'s data without its metadata,
+    anything else through ``torch.as_tensor`` (no copy where none is needed)."""
+    return img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
 
 
 def filename_of(img: Any, key: Hashable) -> str:
@@ -345,7 +367,7 @@ class ValidateImaged(MapTransform):
                     f"{name}: expected {self.in_channels} channel(s), got {shape[0]} (channel-first shape "
                     f"{shape}; a 4D series such as time points or phases is not a single volume)"
                 )
-            values = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+            values = as_tensor(img)
             if values.is_floating_point() and not bool(torch.isfinite(values).all()):
                 raise DataError(f"{name}: the image contains NaN or Inf values")
             if values.numel() and bool(values.min() == values.max()):
@@ -355,87 +377,3 @@ class ValidateImaged(MapTransform):
                     float(values.min()),
                 )
         return d
-
-
-class _ToMode:
-    """PIL converter to ``mode`` ("RGB" or "L"); 16/32-bit images are rescaled to 8 bit first.
-
-    A class, not a lambda, so the loader pickles into DataLoader workers.
-    """
-
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-
-    def __call__(self, image: Image.Image) -> Image.Image:
-        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-            arr = np.asarray(image, dtype=np.float64)
-            top = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
-            image = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8))
-        if image.mode in ("RGBA", "LA", "PA") or (
-            image.mode == "P" and "transparency" in image.info
-        ):
-            # composite on black (what a masked-out endoscope border is), not on PIL's default
-            rgba = image.convert("RGBA")
-            black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-            image = Image.alpha_composite(black, rgba)
-        return image.convert(self.mode)
-
-
-class FrameReader(PILReader):
-    """MONAI's ``PILReader`` converting every frame to RGB (or grey) and naming bad files.
-
-    Greyscale, palette, RGBA (composited on black), CMYK and 16-bit frames all come out
-    as 8-bit ``channels`` channels, so a stray frame in a dataset is converted rather than
-    crashing the run. Arrays are ``(W, H[, C])`` (MONAI's PILReader convention: spatial
-    axis 0 is x, horizontal), with values 0..255.
-
-    Args:
-        channels: 3 (RGB) or 1 (greyscale).
-
-    Raises:
-        DataError: from ``read``/``get_data`` when a file cannot be decoded (named).
-    """
-
-    def __init__(self, channels: int = 3) -> None:
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3 for frames, got {channels!r}")
-        super().__init__(converter=_ToMode("RGB" if channels == 3 else "L"))
-        self.channels = channels
-
-    def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
-        return all(str(f).lower().endswith(FRAME_SUFFIXES) for f in ensure_tuple(filename))
-
-    def read(self, data: Sequence[PathLike] | PathLike, **kwargs: Any) -> Any:
-        try:
-            return super().read(data, **kwargs)
-        except Exception as err:  # PIL raises UnidentifiedImageError, OSError, SyntaxError ...
-            name = str(ensure_tuple(data)[0])
-            raise DataError(f"cannot read image {name}: {type(err).__name__}: {err}") from err
-
-    def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
-        try:
-            return super().get_data(img)
-        except Exception as err:  # a truncated file fails when its pixels are decoded
-            first = img[0] if isinstance(img, (list, tuple)) else img
-            name = getattr(first, "filename", "an image")
-            raise DataError(f"cannot read image {name}: {type(err).__name__}: {err}") from err
-
-
-class _LoadFramed(LoadImaged):
-    """``LoadImaged`` that always reads with its :class:`FrameReader`.
-
-    (A plain ``LoadImaged(reader=...)`` falls back to MONAI's other readers when that one
-    fails, which buries the file's real problem under theirs.)
-    """
-
-    def __init__(self, keys: KeysCollection, reader: FrameReader) -> None:
-        super().__init__(keys=keys, reader=reader, image_only=True, dtype=np.uint8)
-        self.frame_reader = reader
-
-    def __call__(self, data: Any, reader: Any = None) -> Any:
-        return super().__call__(data, reader or self.frame_reader)
-
-
-def frame_loader(keys: KeysCollection, channels: int = 3) -> LoadImaged:
-    """A ``LoadImaged`` with :class:`FrameReader`: a path in, a ``(W, H, C)`` uint8 MetaTensor out."""
-    return _LoadFramed(keys, FrameReader(channels=channels))

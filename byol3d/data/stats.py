@@ -6,21 +6,17 @@ Endoscopy colours are nothing like ImageNet's (the synthetic demo frames: mean a
 
     byol3d stats configs/endoscopy_resnet50.yaml data.root=/data/frames
 
-prints them in a form to paste into the config (:func:`config_mean_std`).
+prints them in a form to paste into the config (:func:`byol3d.transforms.config_mean_std`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
 
-
-def _tensor(img: Any) -> torch.Tensor:
-    return img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+from byol3d.data.readers import as_tensor
 
 
 class _Pixels(torch.utils.data.Dataset):
@@ -31,7 +27,7 @@ class _Pixels(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        img = _tensor(self.preprocess({"image": self.files[index]})["image"])
+        img = as_tensor(self.preprocess({"image": self.files[index]})["image"])
         x = img.double() / 255.0 if not img.is_floating_point() else img.double()
         flat = x.reshape(x.shape[0], -1)
         return torch.stack(
@@ -51,7 +47,7 @@ def compute_mean_std(
     it over all videos).
 
     Args:
-        files: image paths, e.g. :func:`byol3d.frames.list_images`.
+        files: image paths, e.g. :func:`byol3d.data.discovery.list_images`.
         preprocess: the deterministic transform (:func:`frame_preprocess`; uint8 output is
             divided by 255, float output is taken as it is).
         max_files: the most files read (None: all).

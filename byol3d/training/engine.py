@@ -1,19 +1,16 @@
-"""PyTorch-Ignite engines and handlers for BYOL training.
+"""PyTorch-Ignite engines for BYOL training (their handlers: :mod:`byol3d.training.handlers`).
 
 * :func:`create_trainer`: the training Engine. Its ``train_step`` runs both views through
   the model under autocast, back-propagates, steps the optimizer every
   ``accumulate_steps`` iterations (and at each epoch end) and records on ``engine.state.optimizer_stepped``
-  whether the optimizer really stepped (an fp16 step skipped for inf gradients does not).
-* :class:`TargetUpdate`: the EMA target update with the cosine tau, once per real
-  optimizer step (skipping non-steps, unlike solo-learn#286), tau on ``engine.state.tau``.
-* :class:`MetricsLogger`: one metrics.csv row per iteration (loss, tau, lr, collapse),
-  written in blocks of ``log_every`` iterations so the step itself never waits on the GPU;
-  a non-finite loss stops the run with the iteration that produced it.
+  whether the optimizer really stepped (an fp16 step skipped for inf gradients does not), which
+  :class:`~byol3d.training.handlers.TargetUpdate` reads to update the target only then.
 * :func:`create_evaluator`: the validation loss, in eval mode, without gradients.
-* :class:`Reseed`: per-epoch seeds re-derived from (seed, epoch), so a resumed run draws the
-  same data order and augmentations as an uninterrupted one.
+* :func:`view_geometry`, :func:`resolve_device`, :func:`resolve_amp`, :func:`optimizer_steps`,
+  :func:`unwrap`: the small pieces both need.
 
->>> from byol3d.engine import create_trainer, TargetUpdate
+>>> from byol3d.training.engine import create_trainer
+>>> from byol3d.training.handlers import TargetUpdate
 >>> # trainer = create_trainer(model, optimizer, device="cpu")
 >>> # TargetUpdate(model, base_tau=0.996).attach(trainer)
 """
@@ -30,6 +27,7 @@ from ignite.engine import Engine
 from ignite.metrics import Average
 from torch import nn
 
+from byol3d.checks import check_number
 from byol3d.errors import Byol3dError
 
 
@@ -152,8 +150,7 @@ def create_trainer(
     The step output is ``{"loss": tensor, "collapse": tensor, "lr": float}`` (tensors 0-dim, detached, on device:
     nothing here forces a host sync), plus ``"dense"`` (the unweighted dense term) when it is on.
     """
-    if accumulate_steps < 1:
-        raise ValueError(f"invalid accumulate_steps {accumulate_steps!r}, must be >= 1")
+    check_number("accumulate_steps", accumulate_steps, 1, integer=True)
     device = torch.device(device)
     key1, key2 = view_keys
     autocast = (

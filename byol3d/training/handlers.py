@@ -1,14 +1,23 @@
-"""Online kNN monitor: how well the encoder being trained separates labelled volumes, per epoch.
+"""The trainer's handlers, each a class with ``attach(engine)`` (MONAI's handler idiom).
 
-Enabled by ``train.knn_csv`` (a labels CSV as for ``byol3d evaluate``: ``path`` or ``id`` and
-``label``; relative paths from the CSV's folder) and ``train.knn_every`` (epochs). Every
-``knn_every`` epochs the online encoder (eval mode, no gradients, on the training device)
-embeds the labelled volumes with the run's deterministic preprocessing and sliding windows
-(no overlap, to stay cheap), and the leave-one-out accuracy of a ``k``-nearest-neighbour
-vote (cosine similarity of the embeddings, ``k = 5`` or fewer for tiny sets) is logged:
-``knn_acc`` in ``epochs.csv`` and ``epoch/knn_acc`` in TensorBoard. The preprocessed volumes
-are kept in memory after the first pass. A falling or chance-level ``knn_acc`` while the loss
-falls is a sign that BYOL learns something other than what the labels need.
+* :class:`TargetUpdate`: the EMA target update with the cosine tau, once per real optimizer
+  step (skipping non-steps, unlike solo-learn#286), tau on ``engine.state.tau``.
+* :class:`MetricsLogger`: one metrics.csv row per iteration (loss, tau, lr, collapse), written
+  in blocks of ``log_every`` iterations so the step itself never waits on the GPU; a
+  non-finite loss stops the run with the iteration that produced it.
+* :class:`Reseed`: per-epoch seeds re-derived from (seed, epoch, rank), so a resumed run
+  draws the same data order and augmentations as an uninterrupted one.
+* :func:`attach_epoch_log`: epochs.csv (train and validation loss, kNN accuracy, seconds).
+* :class:`KnnMonitor`: with ``train.knn_csv`` (a labels CSV read by
+  :func:`byol3d.data.discovery.read_image_list`), every ``train.knn_every`` epochs the online
+  encoder (eval mode, no gradients) embeds the labelled volumes with the run's deterministic
+  preprocessing and sliding windows (no overlap, to stay cheap), and the leave-one-out accuracy
+  of a ``k``-nearest-neighbour vote (cosine similarity, ``k = 5`` or fewer for tiny sets) is
+  logged as ``knn_acc`` in ``epochs.csv`` and ``epoch/knn_acc`` in TensorBoard. A falling or
+  chance-level ``knn_acc`` while the loss falls is a sign that BYOL learns something other
+  than what the labels need.
+* :func:`tensorboard_writer`, :func:`views_to_tensorboard`, :func:`plot_and_summarize`:
+  TensorBoard scalars and view previews, and the plots and summary written at the end.
 """
 
 from __future__ import annotations
@@ -28,7 +37,8 @@ from ignite.engine import Engine, Events
 from ignite.utils import manual_seed
 from torch import nn
 
-from byol3d.data.discovery import read_image_csv
+from byol3d.checks import check_number
+from byol3d.data.discovery import read_image_list
 from byol3d.errors import NonFiniteLossError
 from byol3d.evaluation.features import extract_features
 from byol3d.evaluation.probe import loo_knn_accuracy
@@ -166,8 +176,7 @@ class TargetUpdate:
     """
 
     def __init__(self, model: nn.Module, base_tau: float = 0.996) -> None:
-        if not 0.0 <= base_tau <= 1.0:
-            raise ValueError(f"invalid base_tau {base_tau!r}, must be in [0, 1]")
+        check_number("base_tau", base_tau, 0.0, 1.0)
         self.model = model
         self.base_tau = float(base_tau)
 
@@ -213,8 +222,7 @@ class MetricsLogger:
         writer=None,
         extra_columns: Sequence[str] = (),
     ) -> None:
-        if log_every < 1:
-            raise ValueError(f"invalid log_every {log_every!r}, must be >= 1")
+        check_number("log_every", log_every, 1, integer=True)
         self.extra_columns = tuple(extra_columns)
         self.path = Path(path)
         self.log_every = log_every
@@ -315,7 +323,7 @@ class KnnMonitor:
 
     Args:
         encoder: the online encoder (a MONAI ResNet; its ``layer4`` map is pooled).
-        csv_path: labels CSV (see :func:`byol3d.evaluate.read_image_csv`).
+        csv_path: labels CSV (see :func:`byol3d.data.discovery.read_image_list`).
         preprocess: the run's deterministic preprocessing (``build_transforms(cfg)[0]``).
         roi_size: sliding-window size (the crop size).
         every: epochs between evaluations (>= 1).
@@ -335,9 +343,8 @@ class KnnMonitor:
         device: torch.device | str = "cpu",
         writer=None,
     ) -> None:
-        if every < 1:
-            raise ValueError(f"invalid every {every!r}, must be >= 1")
-        self.rows = read_image_csv(csv_path)
+        check_number("every", every, 1, integer=True)
+        self.rows = read_image_list(csv_path, require_label=True)
         self.encoder, self.preprocess, self.roi_size = encoder, preprocess, tuple(roi_size)
         self.every, self.k, self.device, self.writer = every, k, torch.device(device), writer
         self._images: list[torch.Tensor] | None = None
@@ -349,7 +356,7 @@ class KnnMonitor:
         """Embed the labelled volumes with the current weights and return the LOO kNN accuracy."""
 
         if self._images is None:
-            self._images = [self.preprocess({"image": r["path"]})["image"] for r in self.rows]
+            self._images = [self.preprocess({"image": r["image"]})["image"] for r in self.rows]
         feats = extract_features(
             self.encoder, self._images, roi_size=self.roi_size, overlap=0.0, device=self.device
         )

@@ -6,7 +6,7 @@ Adam-type optimizers a learning rate near 3e-4 works; a LARS-scale lr with Adam 
 (byol-pytorch#39, #44).
 
 >>> import torch
->>> from byol3d.optim import build_optimizer, warmup_cosine
+>>> from byol3d.training.optim import build_optimizer, warmup_cosine
 >>> net = torch.nn.Linear(4, 2)
 >>> opt = build_optimizer(net, "lars", lr=0.1, weight_decay=1.5e-6)
 >>> sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup_steps=10, total_steps=100))
@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
+
+from byol3d.checks import check_number
 
 OPTIMIZERS = ("adamw", "sgd", "lars")
 
@@ -62,12 +64,9 @@ class LARS(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         eta: float = 0.001,
     ) -> None:
-        if lr <= 0:
-            raise ValueError(f"invalid lr {lr!r}, must be > 0")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"invalid momentum {momentum!r}, must be in [0, 1)")
-        if weight_decay < 0:
-            raise ValueError(f"invalid weight_decay {weight_decay!r}, must be >= 0")
+        check_number("lr", lr, 0.0, low_open=True)
+        check_number("momentum", momentum, 0.0, 1.0, high_open=True)
+        check_number("weight_decay", weight_decay, 0.0)
         defaults = {
             "lr": lr,
             "momentum": momentum,

@@ -46,8 +46,9 @@ from monai.transforms import (
     SpatialPadd,
 )
 
-from byol3d.data.readers import ValidateImaged, filename_of, find_data_error, image_loader
-from byol3d.transforms.crops import RandResizedCropd, ShareItemsd, check_range, check_roi
+from byol3d.checks import check_pair, non_negative, per_view
+from byol3d.data.readers import ValidateImaged, data_errors_unwrapped, filename_of, image_loader
+from byol3d.transforms.crops import RandResizedCropd, ShareItemsd, check_roi
 from byol3d.transforms.geometry import RecordedRandFlipd, RecordedRandRotate90d
 
 logger = logging.getLogger("byol3d")
@@ -57,7 +58,7 @@ class PreprocessCompose(Compose):
     """A ``Compose`` that raises a :class:`DataError` from its transforms unwrapped.
 
     Attributes:
-        config: the arguments it was built with; :func:`byol3d.data.build_dataset` keys the
+        config: the arguments it was built with; :func:`byol3d.data.datasets.build_dataset` keys the
             on-disk cache to them, so changed preprocessing never reuses stale files.
     """
 
@@ -66,13 +67,8 @@ class PreprocessCompose(Compose):
         self.config = dict(config or {})
 
     def __call__(self, input_, *args, **kwargs):  # noqa: D102 - same as Compose.__call__
-        try:
+        with data_errors_unwrapped():
             return super().__call__(input_, *args, **kwargs)
-        except Exception as exc:
-            err = find_data_error(exc)
-            if err is None:
-                raise
-            raise err from None
 
 
 class _AboveThreshold:
@@ -126,7 +122,7 @@ def ct_preprocess(
 ) -> PreprocessCompose:
     """The deterministic (cacheable) part of the CT pipeline: a path in, a tensor out.
 
-    Steps: load (:func:`byol3d.readers.image_loader`: NIfTI, NRRD, MetaImage, DICOM
+    Steps: load (:func:`byol3d.data.readers.image_loader`: NIfTI, NRRD, MetaImage, DICOM
     series) -> ``EnsureChannelFirstd`` -> :class:`ValidateImaged` -> ``Orientationd("RAS")``
     -> ``Spacingd(pixdim)`` if given -> ``ScaleIntensityRanged`` mapping ``hu_window`` to
     [0, 1] with clipping -> ``CropForegroundd`` on HU > ``foreground_hu`` if
@@ -156,7 +152,7 @@ def ct_preprocess(
     """
     roi = check_roi(roi_size)
     dims = len(roi)
-    low, high = check_range("hu_window", hu_window, -math.inf, strict=False)
+    low, high = check_pair("hu_window", hu_window, -math.inf, strict=False)
     if not low < high:
         raise ValueError(f"hu_window must be (low, high) with low < high, got {hu_window!r}")
     if pixdim is not None:
@@ -214,25 +210,6 @@ def ct_preprocess(
     return PreprocessCompose(transforms, config=config)
 
 
-def _per_view(name: str, value: float | Sequence[float]) -> tuple[float, float]:
-    """A probability for both views, or a pair [view1, view2]; each in [0, 1]."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        pair = (float(value), float(value))
-    elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
-        pair = (float(value[0]), float(value[1]))
-    else:
-        raise ValueError(f"{name} must be a probability or a pair [view1, view2], got {value!r}")
-    if not all(0.0 <= p <= 1.0 for p in pair):
-        raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
-    return pair
-
-
-def _non_negative(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-    return float(value)
-
-
 def view_transforms(
     source_key: str = "image",
     view_keys: Sequence[str] = ("view1", "view2"),
@@ -262,11 +239,11 @@ def view_transforms(
     1. :class:`RandResizedCropd` to ``roi_size`` (``scale``, ``ratio``) - BYOL's main
        augmentation; its box is kept under ``"<view>_box"``.
     2. ``RandFlipd`` on each spatial axis separately (``flip_prob`` each), recorded under
-       ``"<view>_flip"`` (:class:`byol3d.geometry.RecordedRandFlipd`).
+       ``"<view>_flip"`` (:class:`byol3d.transforms.geometry.RecordedRandFlipd`).
     3. ``RandRotate90d`` by 90/180/270 degrees in the axial plane (``spatial_axes=(0, 1)``,
        i.e. x-y after RAS orientation) with ``rotate90_prob``, recorded under ``"<view>_rot90"``
-       (:class:`byol3d.geometry.RecordedRandRotate90d`). With the box, flips and turns known,
-       every view voxel's source location is known (dense BYOL, :mod:`byol3d.dense`).
+       (:class:`byol3d.transforms.geometry.RecordedRandRotate90d`). With the box, flips and turns known,
+       every view voxel's source location is known (dense BYOL, :mod:`byol3d.models.dense`).
     4. ``RandAdjustContrastd`` gamma in ``gamma`` with ``gamma_prob`` (MONAI applies it to the
        min-max-normalised view, so it is well defined for any intensity range).
     5. Intensity jitter with ``intensity_prob`` - the paper's colour jitter (p=0.8): the
@@ -317,18 +294,18 @@ def view_transforms(
         raise ValueError(
             f"view_keys must be two distinct keys other than source_key {source_key!r}, got {view_keys!r}"
         )
-    scale, ratio = check_range("scale", scale, 0.0, 1.0), check_range("ratio", ratio)
+    scale, ratio = check_pair("scale", scale, 0.0, 1.0), check_pair("ratio", ratio)
     gamma, blur_sigma = (
-        check_range("gamma", gamma),
-        check_range("blur_sigma", blur_sigma, strict=False),
+        check_pair("gamma", gamma),
+        check_pair("blur_sigma", blur_sigma, strict=False),
     )
     amounts = {
-        "intensity_scale": _non_negative("intensity_scale", intensity_scale),
-        "intensity_shift": _non_negative("intensity_shift", intensity_shift),
-        "noise_std": _non_negative("noise_std", noise_std),
+        "intensity_scale": non_negative("intensity_scale", intensity_scale),
+        "intensity_shift": non_negative("intensity_shift", intensity_shift),
+        "noise_std": non_negative("noise_std", noise_std),
     }
     probs = {
-        name: _per_view(name, value)
+        name: per_view(name, value)
         for name, value in [
             ("flip_prob", flip_prob),
             ("rotate90_prob", rotate90_prob),

@@ -2,23 +2,23 @@
 
 Same split as the CT pipeline (:mod:`byol3d.transforms`), for ``data.spatial_dims: 2``:
 
-- :func:`frame_preprocess` - load a frame as RGB (:class:`byol3d.frames.FrameReader`:
+- :func:`frame_preprocess` - load a frame as RGB (:class:`byol3d.data.frame_reader.FrameReader`:
   greyscale, palette, RGBA and 16-bit frames converted), check it, shrink its shorter side
   to ``frame_size``, keep it as uint8 (a quarter of float32's RAM in the cache).
 - :func:`frame_views` - ``CopyItemsd`` into ``view1``/``view2``, then per view, as in BYOL
   (Grill et al. 2020, appendix B): random resized crop, horizontal flip, colour jitter,
   grayscale, Gaussian blur, solarize, and per-channel normalisation.
-- :func:`compute_mean_std` (:mod:`byol3d.stats`) - the per-channel mean and std of a dataset
+- :func:`compute_mean_std` (:mod:`byol3d.data.stats`) - the per-channel mean and std of a dataset
   for that normalisation (endoscopy colours are nothing like ImageNet's); ``byol3d stats``
   prints them.
 
->>> from byol3d.transforms2d import frame_preprocess, frame_views
+>>> from byol3d.transforms.frames import frame_preprocess, frame_views
 >>> pre, views = frame_preprocess(frame_size=256), frame_views(roi_size=(224, 224))
 >>> item = views(pre({"image": "frame.png"}))                  # doctest: +SKIP
 >>> item["view1"].shape, item["view1"].dtype                    # doctest: +SKIP
 (torch.Size([3, 224, 224]), torch.float32)
 
-The random colour operations (:mod:`byol3d.photometric`) draw their parameters from MONAI's
+The random colour operations (:mod:`byol3d.transforms.photometric`) draw their parameters from MONAI's
 per-transform random state (``set_random_state`` seeds them, as it seeds every other view
 transform) and apply kornia's implementations of torchvision's formulas, so a run is
 reproducible the same way on the CT and the frame path.
@@ -42,9 +42,11 @@ from monai.transforms import (
     NormalizeIntensityd,
 )
 
-from byol3d.data.readers import ValidateImaged, frame_loader
-from byol3d.transforms.crops import RandResizedCropd, check_range, check_roi
-from byol3d.transforms.ct import PreprocessCompose, _per_view
+from byol3d.checks import check_number, check_pair, per_view
+from byol3d.data.frame_reader import frame_loader
+from byol3d.data.readers import ValidateImaged, as_tensor
+from byol3d.transforms.crops import RandResizedCropd, check_roi
+from byol3d.transforms.ct import PreprocessCompose
 from byol3d.transforms.geometry import RecordedRandFlipd
 from byol3d.transforms.photometric import (
     RandColorJitterd,
@@ -52,10 +54,6 @@ from byol3d.transforms.photometric import (
     RandGrayscaled,
     RandSolarized,
 )
-
-
-def _tensor(img: Any) -> torch.Tensor:
-    return img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
 
 
 class ShortSideResized(MapTransform):
@@ -67,14 +65,12 @@ class ShortSideResized(MapTransform):
 
     def __init__(self, keys: KeysCollection, size: int, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"frame_size must be a positive int or None, got {size!r}")
-        self.size = size
+        self.size = check_number("frame_size", size, 1, integer=True)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            img = _tensor(d[key])
+            img = as_tensor(d[key])
             short = min(img.shape[1:])
             if short <= self.size:
                 continue
@@ -94,8 +90,8 @@ def frame_preprocess(
 ) -> PreprocessCompose:
     """The deterministic (cacheable) part of the frame pipeline: a path in, a uint8 tensor out.
 
-    Steps: :func:`byol3d.frames.frame_loader` (PNG/JPEG/BMP/TIFF as ``in_channels`` 8-bit
-    channels) -> ``EnsureChannelFirstd`` -> :class:`~byol3d.readers.ValidateImaged` (2D,
+    Steps: :func:`byol3d.data.frame_reader.frame_loader` (PNG/JPEG/BMP/TIFF as ``in_channels`` 8-bit
+    channels) -> ``EnsureChannelFirstd`` -> :class:`~byol3d.data.readers.ValidateImaged` (2D,
     ``in_channels``) -> :class:`ShortSideResized` to ``frame_size`` if given -> uint8.
 
     Args:
@@ -130,7 +126,7 @@ class _ToUnitd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            img = _tensor(d[key])
+            img = as_tensor(d[key])
             d[key] = img.float() / 255.0 if not img.is_floating_point() else img.float().clone()
         return d
 
@@ -170,7 +166,7 @@ def frame_views(
     freshly built random transforms (as in :func:`byol3d.transforms.view_transforms`), in
     BYOL's order (Grill et al. 2020, table 6):
 
-    1. to float in [0, 1]; :class:`~byol3d.crops.RandResizedCropd` to ``roi_size``
+    1. to float in [0, 1]; :class:`~byol3d.transforms.crops.RandResizedCropd` to ``roi_size``
        (``scale`` is the area fraction, BYOL 0.08-1.0; the box is kept as ``"<view>_box"``);
     2. horizontal flip (``RecordedRandFlipd`` on spatial axis 0, the image's x, recorded as
        ``{view}_flip`` for the dense term) with ``flip_prob``;
@@ -204,9 +200,9 @@ def frame_views(
     mean_t, std_t = _stats("mean", mean), _stats("std", std)
     if min(std_t) <= 0:
         raise ValueError(f"std must be positive, got {std!r}")
-    check_range("scale", scale, 0.0, 1.0)
+    check_pair("scale", scale, 0.0, 1.0)
     probs = {
-        name: _per_view(name, value)
+        name: per_view(name, value)
         for name, value in [
             ("flip_prob", flip_prob),
             ("colour_jitter_prob", colour_jitter_prob),
@@ -282,9 +278,8 @@ def applied(views: Compose) -> list[dict[str, bool]]:
     return out
 
 
-#: ``transforms.*`` config keys only the 2D path reads (the 3D views never see them).
-FRAME_ONLY_KEYS = (
-    "frame_size",
+#: ``transforms.*`` keys of :func:`frame_views` that the 3D views do not take.
+_FRAME_VIEW_ONLY = (
     "colour_jitter_prob",
     "brightness",
     "contrast",
@@ -303,19 +298,13 @@ VIEW_KEYS_2D = (
     "scale",
     "ratio",
     "flip_prob",
-    "colour_jitter_prob",
-    "brightness",
-    "contrast",
-    "saturation",
-    "hue",
-    "grayscale_prob",
     "blur_prob",
     "blur_sigma",
-    "solarize_prob",
-    "mean",
-    "std",
+    *_FRAME_VIEW_ONLY,
 )
 
+#: ``transforms.*`` config keys only the 2D path reads (the 3D views never see them).
+FRAME_ONLY_KEYS = ("frame_size", *_FRAME_VIEW_ONLY)
 
 def build_frame_transforms(cfg: Mapping[str, Any]) -> tuple[PreprocessCompose, Compose]:
     """The 2D preprocessing and views of a config (``data.spatial_dims: 2``).
@@ -324,17 +313,14 @@ def build_frame_transforms(cfg: Mapping[str, Any]) -> tuple[PreprocessCompose, C
     the keys of :data:`VIEW_KEYS_2D` to :func:`frame_views`; the 3D-only keys (``hu_window``,
     ``pixdim``, ``rotate90_prob``, ``intensity_*``, ``gamma*``, ``noise_*``, ...) are unused.
 
+    ``cfg`` is a validated config (:func:`byol3d.config.validate_config` checks ``mean``
+    and ``std`` against ``data.in_channels``).
+
     Raises:
-        ValueError: a setting the transforms reject, e.g. a ``mean`` with 2 values for 3
-            channels (``byol3d.train.build_transforms`` turns it into a ConfigError).
+        ValueError: a setting the transforms reject (:func:`byol3d.transforms.build_transforms`
+            turns it into a ConfigError).
     """
     tf_cfg, channels = cfg["transforms"], cfg["data"]["in_channels"]
-    for name in ("mean", "std"):
-        value = tf_cfg.get(name)
-        if value is not None and len(value) not in (1, channels):
-            raise ValueError(
-                f"{name} {value!r} must hold 1 or data.in_channels = {channels} values"
-            )
     preprocess = frame_preprocess(in_channels=channels, frame_size=tf_cfg.get("frame_size"))
     views = frame_views(**{k: tf_cfg[k] for k in VIEW_KEYS_2D if k in tf_cfg})
     return preprocess, views
@@ -361,7 +347,7 @@ def for_display(
     s = torch.tensor(_stats("std", std)).view(-1, 1, 1)
     out = dict(sample)
     for key in view_keys:
-        out[key] = (_tensor(sample[key]).float() * s + m).clamp(0.0, 1.0)
-    img = _tensor(image)
+        out[key] = (as_tensor(sample[key]).float() * s + m).clamp(0.0, 1.0)
+    img = as_tensor(image)
     out["image"] = img.float() / 255.0 if not img.is_floating_point() else img.float()
     return out

@@ -10,11 +10,11 @@ maths is kornia's (``kornia.enhance``, ``kornia.color``: torchvision's formulas 
 PyTorch) and MONAI's separable Gaussian filter.
 
 Images are ``(C, W, H)`` float tensors in [0, 1]; every transform fires with probability
-``prob`` and records it in ``_do_transform`` (what :func:`byol3d.transforms2d.applied`
+``prob`` and records it in ``_do_transform`` (what :func:`byol3d.transforms.frames.applied`
 reports).
 
 >>> import torch
->>> from byol3d.photometric import RandColorJitterd
+>>> from byol3d.transforms.photometric import RandColorJitterd
 >>> jitter = RandColorJitterd("image", prob=1.0)
 >>> jitter.set_random_state(seed=0)
 >>> out = jitter({"image": torch.rand(3, 8, 8)})
@@ -38,16 +38,11 @@ from kornia.enhance import (
     solarize,
 )
 from monai.config import KeysCollection
-from monai.data import MetaTensor
 from monai.networks.layers import gaussian_1d, separable_filtering
 from monai.transforms import MapTransform, RandomizableTransform
 
-from byol3d.transforms.crops import check_range
-from byol3d.transforms.ct import _non_negative
-
-
-def _tensor(img: Any) -> torch.Tensor:
-    return img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+from byol3d.checks import check_number, check_pair, non_negative
+from byol3d.data.readers import as_tensor
 
 
 class _RandOpd(RandomizableTransform, MapTransform):
@@ -70,7 +65,7 @@ class _RandOpd(RandomizableTransform, MapTransform):
             return d
         self.draw()
         for key in self.key_iterator(d):
-            d[key] = self.apply(_tensor(d[key]))
+            d[key] = self.apply(as_tensor(d[key]))
         return d
 
 
@@ -95,13 +90,11 @@ class RandColorJitterd(_RandOpd):
     ) -> None:
         super().__init__(keys, prob)
         self.amounts = {
-            "brightness": _non_negative("brightness", brightness),
-            "contrast": _non_negative("contrast", contrast),
-            "saturation": _non_negative("saturation", saturation),
-            "hue": _non_negative("hue", hue),
+            "brightness": non_negative("brightness", brightness),
+            "contrast": non_negative("contrast", contrast),
+            "saturation": non_negative("saturation", saturation),
+            "hue": float(check_number("hue", hue, 0.0, 0.5)),
         }
-        if self.amounts["hue"] > 0.5:
-            raise ValueError(f"hue must lie in [0, 0.5], got {hue!r}")
         self.order: list[int] = [0, 1, 2, 3]
         self.factors: list[float] = [1.0, 1.0, 1.0, 0.0]
 
@@ -149,7 +142,7 @@ class RandGaussianBlurd(_RandOpd):
 
     def __init__(self, keys: KeysCollection, prob: float, sigma: Sequence[float] = (0.1, 2.0)):
         super().__init__(keys, prob)
-        self.sigma_range = check_range("blur_sigma", sigma, strict=False)
+        self.sigma_range = check_pair("blur_sigma", sigma, strict=False)
         self.sigma = self.sigma_range[0]
 
     def draw(self) -> None:

@@ -2,15 +2,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from byol3d.data.discovery import find_frames, list_images, read_image_list
-from byol3d.data.readers import frame_loader
 from byol3d.errors import DataError
 
 
-def _png(path, mode="RGB", size=(20, 12), value=None):
+def write_png(path, mode="RGB", size=(20, 12), value=None):
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     if mode in ("RGB", "RGBA"):
@@ -50,9 +48,9 @@ def test_find_frames_errors_name_the_folder_and_point_videos_to_extraction(tmp_p
 
 
 def test_read_image_list_resolves_paths_and_ids_and_keeps_labels_optional(tmp_path):
-    _png(tmp_path / "images" / "0001.png")
-    _png(tmp_path / "images" / "0002.jpg")
-    _png(tmp_path / "other" / "x.png")
+    write_png(tmp_path / "images" / "0001.png")
+    write_png(tmp_path / "images" / "0002.jpg")
+    write_png(tmp_path / "other" / "x.png")
     (tmp_path / "ids.csv").write_text("id,label\n0001,3\n0002,\n")
     rows = read_image_list(tmp_path / "ids.csv", root=tmp_path)
     assert rows == [
@@ -74,7 +72,7 @@ def test_read_image_list_resolves_paths_and_ids_and_keeps_labels_optional(tmp_pa
 
 
 def test_read_image_list_names_the_missing_file_and_its_line(tmp_path):
-    _png(tmp_path / "a.png")
+    write_png(tmp_path / "a.png")
     (tmp_path / "l.csv").write_text("path,label\na.png,0\nmissing.png,1\n")
     with pytest.raises(DataError) as info:
         read_image_list(tmp_path / "l.csv", root=tmp_path)
@@ -87,7 +85,7 @@ def test_read_image_list_names_the_missing_file_and_its_line(tmp_path):
 
 
 def test_read_image_list_rejects_bad_columns_duplicates_and_empty_lists(tmp_path):
-    _png(tmp_path / "a.png")
+    write_png(tmp_path / "a.png")
     (tmp_path / "cols.csv").write_text("file,label\na.png,1\n")
     with pytest.raises(
         DataError, match=r"needs a 'path' or an 'id' column, found columns \['file', 'label'\]"
@@ -99,7 +97,7 @@ def test_read_image_list_rejects_bad_columns_duplicates_and_empty_lists(tmp_path
     (tmp_path / "empty.csv").write_text("path\n")
     with pytest.raises(DataError, match="lists no images"):
         read_image_list(tmp_path / "empty.csv")
-    with pytest.raises(DataError, match="cannot read data.csv"):
+    with pytest.raises(DataError, match="cannot read CSV list"):
         read_image_list(tmp_path / "absent.csv")
 
 
@@ -115,34 +113,3 @@ def test_a_csv_lists_volumes_too(tmp_path):
 def test_list_images_needs_a_root_or_a_csv():
     with pytest.raises(DataError, match="data.root is not set"):
         list_images(root=None, csv=None, spatial_dims=2)
-
-
-@pytest.mark.parametrize("mode", ["RGB", "L", "P", "RGBA", "I;16"])
-def test_frame_loader_gives_three_uint8_channels_for_any_mode(tmp_path, mode):
-    path = _png(tmp_path / f"f_{mode.replace(';', '')}.png", mode=mode, size=(20, 12))
-    img = frame_loader("image", channels=3)({"image": str(path)})["image"]
-    assert tuple(img.shape) == (20, 12, 3)  # (W, H, C): MONAI's PIL order
-    assert img.dtype == torch.uint8
-    if mode == "L":  # grey replicated into the three channels
-        assert torch.equal(img[..., 0], img[..., 1]) and torch.equal(img[..., 1], img[..., 2])
-    if mode == "I;16":  # 16-bit rescaled, not clipped: 0 -> 0 and 65535 -> 255
-        assert img[0, 0, 0] == 0 and img[-1, 0, 0] == 255
-
-
-def test_frame_loader_composites_transparent_pixels_on_black(tmp_path):
-    arr = np.zeros((4, 6, 4), dtype=np.uint8)
-    arr[..., :3] = 200
-    arr[:, :3, 3] = 255  # left half opaque, right half transparent
-    Image.fromarray(arr, "RGBA").save(tmp_path / "a.png")
-    img = frame_loader("image")({"image": str(tmp_path / "a.png")})["image"]
-    assert img[:3].eq(200).all() and img[3:].eq(0).all()
-
-
-def test_frame_loader_names_an_unreadable_file(tmp_path):
-    (tmp_path / "bad.png").write_bytes(b"not a png")
-    with pytest.raises(Exception) as info:
-        frame_loader("image")({"image": str(tmp_path / "bad.png")})
-    from byol3d.data.readers import find_data_error
-
-    err = find_data_error(info.value)
-    assert err is not None and str(tmp_path / "bad.png") in str(err)

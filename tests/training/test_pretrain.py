@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 import yaml
-from byol3d.rundir import latest_checkpoint
 from monai.networks.nets import FlexibleUNet
 
 from byol3d.config import load_config
 from byol3d.data.synthetic_ct import write_demo_dataset
 from byol3d.errors import CheckpointError, ConfigError, DataError
 from byol3d.models.encoders import build_encoder
+from byol3d.rundir import latest_checkpoint
 from byol3d.training.pretrain import pretrain
 
 TINY = [

@@ -135,7 +135,7 @@ def test_a_csv_naming_a_missing_file_is_a_one_line_error(frames, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert (
-        err[0].startswith("byol3d: error: data.csv") and "images/nope.png does not exist" in err[0]
+        err[0].startswith("byol3d: error: CSV list") and "images/nope.png does not exist" in err[0]
     )
 
 
