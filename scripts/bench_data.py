@@ -4,7 +4,7 @@ Both sides read the same synthetic CT volumes from .nii.gz, run the same determi
 preprocessing (:func:`byol3d.transforms.ct_preprocess`, with resampling to ``pixdim``) and the
 same two random views per volume (:func:`byol3d.transforms.view_transforms`), with the same
 DataLoader workers and batch size. The plain side is ``monai.data.Dataset`` (load and
-preprocess every volume every epoch); byol3d's side is :func:`byol3d.data.build_dataset` with
+preprocess every volume every epoch); byol3d's side is :func:`byol3d.data.datasets.build_dataset` with
 its RAM cache (``cache``) or disk cache (``persistent``). Epochs of the two sides alternate.
 """
 

@@ -48,7 +48,7 @@ posterior, ``k`` superior, as a NIfTI converted from DICOM (LPS) stores it. The 
 MONAI's ``Orientationd(axcodes="RAS")`` flips the first two axes.
 
 Example:
-    >>> from byol3d.phantom import write_demo_dataset
+    >>> from byol3d.data.synthetic_ct import write_demo_dataset
     >>> paths = write_demo_dataset("data/demo", n=16)  # doctest: +SKIP
 """
 

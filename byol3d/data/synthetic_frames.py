@@ -12,7 +12,7 @@ probe of pretrained features has something to find:
 Frames are grouped into "videos": frames of one video share the tissue's colour and
 texture (drifting slowly), as consecutive frames of a real video do.
 
->>> from byol3d.endoscopy import endoscopy_frame
+>>> from byol3d.data.synthetic_frames import endoscopy_frame
 >>> frame = endoscopy_frame(size=(96, 80), label=1, seed=0)
 >>> frame.shape, frame.dtype
 ((80, 96, 3), dtype('uint8'))

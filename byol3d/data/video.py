@@ -1,6 +1,6 @@
 """Frames out of surgical videos: every N-th frame of .mp4/.avi/... files written as images.
 
-byol3d trains on frames (:func:`byol3d.frames.find_frames`), not on video files: decoding a
+byol3d trains on frames (:func:`byol3d.data.discovery.find_frames`), not on video files: decoding a
 random frame of a compressed video at every access means seeking to a key frame and decoding
 forward, which costs far more than reading a JPEG. So videos are sampled once, up front:
 
@@ -39,7 +39,7 @@ def _av():
 
 
 def find_videos(root: str | os.PathLike) -> list[Path]:
-    """Video files (:data:`byol3d.frames.VIDEO_SUFFIXES`) under ``root``, recursively, sorted;
+    """Video files (:data:`byol3d.data.discovery.VIDEO_SUFFIXES`) under ``root``, recursively, sorted;
     ``root`` itself when it is a video file."""
     path = Path(root).expanduser()
     if path.is_file():

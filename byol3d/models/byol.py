@@ -130,7 +130,7 @@ class BYOL(nn.Module):
             a spatial layer such as ``"layer4"`` is global-average-pooled).
         projection_dim: output size of projector and predictor (paper: 256).
         hidden_dim: hidden size of projector and predictor (paper: 4096).
-        dense_weight: weight of the dense (local) BYOL term (:mod:`byol3d.dense`); 0.0 (the
+        dense_weight: weight of the dense (local) BYOL term (:mod:`byol3d.models.dense`); 0.0 (the
             default) turns it off, and then the module, its state_dict and its numbers are those
             of plain BYOL. When > 0, :meth:`forward` needs each view's recorded geometry.
         dense_layer: the encoder layer whose spatial output the dense term compares
@@ -142,7 +142,7 @@ class BYOL(nn.Module):
     Submodules: ``online_encoder``, ``online_projector``, ``predictor`` (trained) and
     ``target_encoder``, ``target_projector`` (``requires_grad=False``, updated only by
     :meth:`update_target`). With ``dense_weight > 0`` also ``online_dense_projector``,
-    ``dense_predictor`` (:class:`byol3d.dense.DenseHead`, same widths as the global heads) and
+    ``dense_predictor`` (:class:`byol3d.models.heads.DenseHead`, same widths as the global heads) and
     ``target_dense_projector``, its EMA copy. The target runs in the same train/eval mode as the whole module,
     so in training its batch norm uses batch statistics, as in the paper's implementation.
     """
@@ -226,11 +226,11 @@ class BYOL(nn.Module):
                 ``"dense"``, the unweighted dense term, when it is on).
             geometry1, geometry2: only with ``dense_weight > 0`` (then required): each view's
                 ``{"box": (B, spatial_dims, 2), "flip": (B, spatial_dims), "rot90": (B,)}`` as
-                recorded by the view transforms (:func:`byol3d.geometry.view_geometry`).
+                recorded by the view transforms (:func:`byol3d.training.engine.view_geometry`).
 
         Returns:
             ``byol_loss(q(z1), z'2) + byol_loss(q(z2), z'1)``, a scalar in [0, 8], plus
-            ``dense_weight`` times :func:`byol3d.dense.dense_term` when the dense term is on.
+            ``dense_weight`` times :func:`byol3d.models.dense.dense_term` when the dense term is on.
         """
         if view1.shape != view2.shape:
             raise ValueError(
@@ -242,7 +242,7 @@ class BYOL(nn.Module):
             if geometry1 is None or geometry2 is None:
                 raise ValueError(
                     "dense_weight > 0: forward needs geometry1 and geometry2, each view's recorded "
-                    "box/flip/rot90 (see byol3d.geometry.view_geometry)"
+                    "box/flip/rot90 (see byol3d.training.engine.view_geometry)"
                 )
             return self._forward_dense(x, n, geometry1, geometry2, return_stats)
         z = self.online_projector(self.online_encoder(x))

@@ -1,4 +1,4 @@
-"""TODO docstring for models.heads."""
+"""BYOL's heads: the projector/predictor MLP (global) and its per-location twin (dense term)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class MLP(nn.Sequential):
 class DenseHead(nn.Sequential):
     """BYOL's projector/predictor at every location: Conv1x1 - BatchNorm - ReLU - Conv1x1.
 
-    Equal to :class:`byol3d.networks.MLP` applied to each voxel's feature vector, with batch
+    Equal to :class:`MLP` applied to each voxel's feature vector, with batch
     norm statistics over the batch and all locations.
 
     Args:

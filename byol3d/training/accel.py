@@ -19,7 +19,7 @@ Each switch is a config key (measured effects in docs/benchmarks.md):
 
 >>> import torch
 >>> from byol3d import BYOL, build_encoder
->>> from byol3d.speed import apply_speed_options
+>>> from byol3d.training.accel import apply_speed_options
 >>> model = BYOL(build_encoder("resnet10"), input_shape=(1, 32, 32, 32), hidden_dim=64, projection_dim=16)
 >>> apply_speed_options(model, channels_last=False, activation_checkpointing=True)
 """
@@ -185,7 +185,7 @@ def device_views(
     Used with ``data.gpu_views``: the cached volume goes to the GPU once per sample and the crop,
     flips, intensity changes, blur and noise run there. Feed the dataset to a
     ``monai.data.ThreadDataLoader`` (threads, not processes) with ``pin_memory=False``.
-    ``set_random_state`` is forwarded to ``views`` (so :class:`byol3d.engine.Reseed` still works).
+    ``set_random_state`` is forwarded to ``views`` (so :class:`byol3d.training.handlers.Reseed` still works).
     """
 
     return Compose([ToDeviced(source_key, device=torch.device(device)), views])

@@ -102,7 +102,7 @@ def make_loader(
 
     MONAI's ``worker_init_fn`` gives every worker its own random state for the augmentations.
     In a distributed run the ``DistributedSampler`` is seeded with ``seed`` and needs
-    ``loader.sampler.set_epoch(epoch)`` at each epoch start (:func:`byol3d.train.pretrain` does it).
+    ``loader.sampler.set_epoch(epoch)`` at each epoch start (:func:`byol3d.training.pretrain.pretrain` does it).
     """
     if world_size() <= 1:
         return DataLoader(

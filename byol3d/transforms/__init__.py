@@ -39,7 +39,7 @@ def build_transforms(cfg: Mapping[str, Any]):
         ConfigError: settings the transforms reject (e.g. a threshold outside the HU window).
     """
     tf_cfg = cfg["transforms"]
-    if cfg["data"]["spatial_dims"] == 2:  # frames: byol3d.transforms2d, same structure
+    if cfg["data"]["spatial_dims"] == 2:  # frames: byol3d.transforms.frames, same structure
         try:
             return build_frame_transforms(cfg)
         except ValueError as err:

@@ -1,7 +1,7 @@
 """View geometry: where each voxel of an augmented view came from in the source image.
 
 Dense (local) BYOL compares the two views' feature maps at corresponding locations, so the
-spatial transforms of a view must be known exactly. :class:`byol3d.crops.RandResizedCropd`
+spatial transforms of a view must be known exactly. :class:`byol3d.transforms.crops.RandResizedCropd`
 records its crop box (``{key}_box``); the two transforms here record the flips and the
 90-degree rotations that follow it:
 

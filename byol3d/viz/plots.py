@@ -16,7 +16,7 @@ for a healthy representation, towards 0 when every input maps to the same point
 (byol-pytorch#44, #85). A final value below :data:`COLLAPSE_THRESHOLD`, or below
 :data:`COLLAPSE_DROP` of its first-epoch mean, raises ``collapse_warning``.
 
->>> from byol3d.plots import format_summary, plot_training, summarize_run
+>>> from byol3d.viz.plots import format_summary, plot_training, summarize_run
 >>> plot_training("runs/demo")                    # doctest: +SKIP
 PosixPath('runs/demo/training.png')
 >>> print(format_summary(summarize_run("runs/demo")))  # doctest: +SKIP

@@ -27,7 +27,7 @@ Matplotlib is used through ``matplotlib.figure.Figure`` and the Agg canvas only:
 display, no global backend switch, safe on servers and in DataLoader-free scripts.
 
 >>> from byol3d.config import load_config
->>> from byol3d.preview import preview_views
+>>> from byol3d.viz.preview import preview_views
 >>> cfg = load_config("configs/demo_ct.yaml", ["data.root=data/demo/images"])  # doctest: +SKIP
 >>> preview_views(cfg, n=4, output="views.png")                              # doctest: +SKIP
 PosixPath('views.png')
@@ -213,7 +213,7 @@ def views_figure(cfg: Mapping[str, Any], n: int = 4, seed: int = 0):
     """The preview figure of the first ``n`` images under ``cfg["data"]["root"]``.
 
     The images go through the configured preprocessing and view transforms exactly as in
-    ``byol3d pretrain`` (same config keys, see ``byol3d.train``), with the views' random
+    ``byol3d pretrain`` (same config keys, see ``byol3d.training.pretrain``), with the views' random
     state set from ``seed``, so the same call draws the same picture.
 
     Args:
