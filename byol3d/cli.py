@@ -10,6 +10,7 @@
     byol3d extract RUN_DIR --data DIR --output OUT     embeddings (features.npy, index.csv)
     byol3d export RUN_DIR --to flexible-unet --output FILE   weights for a MONAI network
     byol3d evaluate RUN_DIR --csv LABELS.csv       linear probe and kNN, pretrained vs random
+    byol3d evaluate RUN_DIR --segmentation DIR     frozen dense probe (Dice), pretrained vs random
 
 Errors caused by input (config keys, data, checkpoints) print one line,
 ``byol3d: error: ...``, and exit with status 2.
@@ -21,6 +22,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -28,7 +30,8 @@ from byol3d.config import load_config
 from byol3d.data.synthetic_ct import write_demo_dataset
 from byol3d.data.synthetic_frames import write_endoscopy_dataset
 from byol3d.data.video import extract_video_folder
-from byol3d.errors import Byol3dError
+from byol3d.errors import Byol3dError, DataError
+from byol3d.evaluation.dense_probe import dense_probe_run, format_dense_report
 from byol3d.evaluation.export import export_encoder
 from byol3d.evaluation.features import extract_to_folder
 from byol3d.evaluation.probe import evaluate_run, format_report
@@ -157,13 +160,26 @@ def _parser() -> argparse.ArgumentParser:
     xp.add_argument("--backbone", default=None, help="architecture expected, e.g. resnet50")
     xp.add_argument("--output", required=True, help="the .pt file to write")
 
-    ev = sub.add_parser("evaluate", help="linear probe and kNN accuracy, pretrained vs random")
+    ev = sub.add_parser(
+        "evaluate",
+        help="pretrained vs random init: linear probe and kNN (--csv), frozen dense probe (--segmentation)",
+    )
     ev.add_argument("run_dir", help="run directory, encoder.pt or checkpoint")
-    ev.add_argument("--csv", required=True, help="CSV with label and path (or id) columns")
+    ev.add_argument("--csv", default=None, help="CSV with label and path (or id) columns")
+    ev.add_argument(
+        "--segmentation",
+        default=None,
+        help="labelled volumes for the frozen dense probe: a CSV with path and segmentation "
+        "columns, or a folder with images/ + labels/ (or imagesTr/ + labelsTr/)",
+    )
+    ev.add_argument("--labelled", type=int, nargs="+", default=[1, 3, 6], help="dense probe: labelled training volumes (default 1 3 6)")  # fmt: skip
+    ev.add_argument("--test", type=int, default=None, help="dense probe: held-out volumes (default a quarter)")  # fmt: skip
+    ev.add_argument("--random-inits", type=int, default=3, help="dense probe: random initialisations (default 3)")  # fmt: skip
+    ev.add_argument("--voxels-per-class", type=int, default=2000, help="dense probe: voxel samples per label and volume")  # fmt: skip
     ev.add_argument("--root", default=None, help="folder relative CSV paths start from")
     ev.add_argument("--output", default=None, help="report folder (default RUN_DIR/evaluation)")
     ev.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
-    ev.add_argument("--seeds", type=int, default=3, help="split seeds / random inits (default 3)")
+    ev.add_argument("--seeds", type=int, default=None, help="split seeds (default 3 for --csv, 5 labelled-set draws for --segmentation)")  # fmt: skip
     ev.add_argument("--k", type=int, default=5, help="kNN neighbours (default 5)")
     return parser
 
@@ -333,18 +349,33 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-
-    report = evaluate_run(
-        args.run_dir,
-        args.csv,
-        root=args.root,
-        output=args.output,
-        folds=args.folds,
-        seeds=args.seeds,
-        k=args.k,
-    )
-    print(format_report(report), end="")
-    print(f"byol3d: report in {report['output']}")
+    if args.csv is None and args.segmentation is None:
+        raise DataError("give --csv LABELS.csv (linear probe, kNN) and/or --segmentation DIR (dense probe)")  # fmt: skip
+    if args.csv is not None:
+        report = evaluate_run(
+            args.run_dir,
+            args.csv,
+            root=args.root,
+            output=args.output,
+            folds=args.folds,
+            seeds=args.seeds or 3,
+            k=args.k,
+        )
+        print(format_report(report), end="")
+        print(f"byol3d: report in {report['output']}")
+    if args.segmentation is not None:
+        report = dense_probe_run(
+            args.run_dir,
+            args.segmentation,
+            output=None if args.output is None else Path(args.output) / "dense_probe",
+            labelled=args.labelled,
+            seeds=args.seeds or 5,
+            random_inits=args.random_inits,
+            test=args.test,
+            voxels_per_class=args.voxels_per_class,
+        )
+        print(format_dense_report(report), end="")
+        print(f"byol3d: dense probe report in {report['output']}")
 
 
 def _one_line(err: Exception) -> str:

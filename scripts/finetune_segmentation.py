@@ -36,50 +36,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from monai.networks.nets import FlexibleUNet
 from monai.transforms import (
-    Compose,
-    CropForegroundd,
-    EnsureChannelFirstd,
-    EnsureTyped,
-    Orientationd,
-    ScaleIntensityRanged,
-    Spacingd,
     SpatialPadd,
 )
 
 import byol3d
-from byol3d.data.readers import image_loader
 from byol3d.data.synthetic_ct import LABEL_NAMES
 from byol3d.errors import Byol3dError, DataError
 from byol3d.evaluation.features import LoadedEncoder
+from byol3d.evaluation.stats import dice_per_label, paired_difference
+from byol3d.transforms import build_eval_transform
 
 DECODER = (64, 32, 16, 16, 8)  # a small decoder: the encoder carries most of the capacity
 
 
-def joint_preprocess(enc: LoadedEncoder) -> Compose:
-    """The run's ``ct_preprocess`` applied to an image and its label map together."""
-    keys = ["image", "label"]
-    low, high = enc.hu_window
-    steps = [
-        image_loader(keys),
-        EnsureChannelFirstd(keys),
-        Orientationd(keys, axcodes="RAS"[: enc.spatial_dims], labels=None),
-    ]
-    if enc.pixdim is not None:
-        steps.append(
-            Spacingd(keys, pixdim=enc.pixdim, mode=("bilinear", "nearest"), dtype=np.float32)
-        )
-    steps.append(
-        ScaleIntensityRanged("image", a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
-    )
-    if enc.crop_foreground:
-        threshold = (enc.foreground_hu - low) / (high - low)
-        steps.append(CropForegroundd(keys, source_key="image", select_fn=lambda x: x > threshold, allow_smaller=True))  # fmt: skip
-    steps += [SpatialPadd(keys, spatial_size=enc.roi_size), EnsureTyped(keys, dtype=torch.float32, track_meta=False)]  # fmt: skip
-    return Compose(steps)
+def joint_preprocess(enc: LoadedEncoder):
+    """The run's own preprocessing applied to an image and its label map together."""
+    return build_eval_transform(enc.config, label_key="label")
 
 
 def read_pairs(data: Path) -> list[tuple[str, str, str]]:
@@ -108,18 +86,7 @@ def sample_crops(volumes, crop: int, batch: int, gen: torch.Generator):
     return torch.stack(images), torch.stack(labels)
 
 
-def dice_per_label(pred: torch.Tensor, label: torch.Tensor, n_labels: int) -> np.ndarray:
-    """Dice of each foreground label (nan where both prediction and truth are empty)."""
-    out = np.full(n_labels - 1, np.nan)
-    for c in range(1, n_labels):
-        p, t = pred == c, label == c
-        denom = int(p.sum() + t.sum())
-        if denom:
-            out[c - 1] = 2.0 * int((p & t).sum()) / denom
-    return out
-
-
-def train_and_test(variant, source, train_vols, test_vols, enc, args, seed) -> np.ndarray:
+def train_and_test(variant, source, train_vols, test_vols, enc, args, seed):
     torch.manual_seed(seed)
     net = FlexibleUNet(enc.in_channels, args.n_labels, backbone=enc.name, spatial_dims=enc.spatial_dims,
                        decoder_channels=DECODER, pretrained=False)  # fmt: skip
@@ -129,12 +96,22 @@ def train_and_test(variant, source, train_vols, test_vols, enc, args, seed) -> n
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(seed)
-    net.train()
-    for _ in range(args.iterations):
+    curve = {}
+    for it in range(1, args.iterations + 1):
+        net.train()
         x, y = sample_crops(train_vols, args.crop, args.batch, gen)
         opt.zero_grad(set_to_none=True)
         loss_fn(net(x), y).backward()
         opt.step()
+        if seed == 0 and it in args.curve_at and it != args.iterations:  # the curve: seed 0
+            curve[it] = float(np.nanmean(test_dice(net, test_vols, enc, args)))
+    dice = test_dice(net, test_vols, enc, args)
+    curve[args.iterations] = float(np.nanmean(dice))
+    return dice, curve
+
+
+def test_dice(net, test_vols, enc, args) -> np.ndarray:
+    """Dice per foreground label, averaged over the test volumes (sliding windows)."""
     net.eval()
     scores = []
     with torch.no_grad():
@@ -142,6 +119,23 @@ def train_and_test(variant, source, train_vols, test_vols, enc, args, seed) -> n
             logits = sliding_window_inference(image[None], (args.infer_roi,) * enc.spatial_dims, 2, net, overlap=0.25)  # fmt: skip
             scores.append(dice_per_label(logits.argmax(1)[0], label[0], args.n_labels))
     return np.nanmean(np.stack(scores), axis=0)
+
+
+def paired_table(records: list[dict], labelled, variants) -> str:
+    """Pretrained minus scratch per seed (same labelled volumes), mean and 95% t interval."""
+    lines = ["| variant - scratch | " + " | ".join(f"{n} labelled" for n in labelled) + " |",
+             "|---|" + "---|" * len(labelled)]  # fmt: skip
+    for v in variants:
+        cells = []
+        for n in labelled:
+            by_seed = {r["seed"]: r["mean_dice"] for r in records if r["variant"] == v and r["labelled"] == n}  # fmt: skip
+            base = {r["seed"]: r["mean_dice"] for r in records if r["variant"] == "scratch" and r["labelled"] == n}  # fmt: skip
+            seeds = sorted(set(by_seed) & set(base))
+            cells.append(
+                paired_difference([by_seed[s] for s in seeds], [base[s] for s in seeds]).format()
+            )
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def write_outputs(out: Path, records: list[dict], labelled, variants) -> str:
@@ -163,13 +157,12 @@ def write_outputs(out: Path, records: list[dict], labelled, variants) -> str:
         writer.writeheader()
         writer.writerows(summary)
     table = "\n".join(lines) + "\n"
+    if "scratch" in variants and len(variants) > 1:
+        table += "\n" + paired_table(records, labelled, [v for v in variants if v != "scratch"])
     (out / "summary.md").write_text(table)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     for i, v in enumerate(variants):
         rows = [s for s in summary if s["variant"] == v]
         x = np.array([s["labelled"] for s in rows], dtype=float) * (
@@ -184,8 +177,33 @@ def write_outputs(out: Path, records: list[dict], labelled, variants) -> str:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "dice_vs_labelled.png", dpi=120)
-    plt.close(fig)
     return table
+
+
+def write_curve(out: Path, curves: list[dict], variants) -> None:
+    """``curve.csv`` and ``dice_curve.png``: test Dice against fine-tuning iterations."""
+    if not curves:
+        return
+    with open(out / "curve.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(curves[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(curves)
+    fig = Figure(figsize=(5, 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for v in variants:
+        for n in sorted({c["labelled"] for c in curves}):
+            its = sorted(
+                {c["iteration"] for c in curves if c["variant"] == v and c["labelled"] == n}
+            )
+            mean = [np.mean([c["mean_dice"] for c in curves if c["variant"] == v and c["labelled"] == n and c["iteration"] == it]) for it in its]  # fmt: skip
+            ax.plot(its, mean, marker="o", label=f"{v}, {n} labelled")
+    ax.set_xlabel("fine-tuning iterations")
+    ax.set_ylabel("mean test Dice (mean over seeds)")
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "dice_curve.png", dpi=120)
 
 
 def main(argv=None) -> int:
@@ -202,11 +220,19 @@ def main(argv=None) -> int:
     )
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--labelled", type=int, nargs="+", default=[1, 3, 6])
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument(
+        "--seeds", type=int, default=5, help="labelled-set draws (the pairs of the comparison)"
+    )
     p.add_argument(
         "--test", type=int, default=12, help="held-out test volumes (the last ones by id)"
     )
-    p.add_argument("--iterations", type=int, default=300)
+    p.add_argument(
+        "--iterations",
+        type=int,
+        default=600,
+        help="Adam steps per training (see dice_curve.png for the plateau)",
+    )
+    p.add_argument("--curve-at", type=int, nargs="*", default=None, help="also score the test set at these iterations, for seed 0 (default: 1/4 and 1/2 of --iterations)")  # fmt: skip
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--crop", type=int, default=32, help="training crop (a multiple of 32)")
     p.add_argument("--infer-roi", type=int, default=96, help="sliding-window size at test time (multiple of 32)")  # fmt: skip
@@ -217,6 +243,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.labelled, args.iterations, args.test = 1, [1], 3, min(args.test, 2)
+    if args.curve_at is None:
+        args.curve_at = [args.iterations // 4, args.iterations // 2]
+    args.curve_at = {int(i) for i in args.curve_at if 0 < int(i) <= args.iterations}
     try:
         runs = dict(item.split("=", 1) for item in args.run)
         if not runs or any(not v for v in runs.values()):
@@ -252,19 +281,19 @@ def main(argv=None) -> int:
             d = pre({"image": pairs[i][1], "label": pairs[i][2]})
             if args.crop > min(d["image"].shape[1:]):
                 d = SpatialPadd(["image", "label"], spatial_size=[args.crop] * ref.spatial_dims)(d)
-            cache[i] = (d["image"], d["label"].round().long())
+            cache[i] = (torch.as_tensor(d["image"].as_tensor()), d["label"].as_tensor().long())
         return cache[i]
 
     expected = check({"image": pairs[0][1]})["image"]
     got = pre({"image": pairs[0][1], "label": pairs[0][2]})["image"]
-    if tuple(expected.shape) != tuple(got.shape) or not torch.allclose(expected.as_tensor(), got, atol=1e-5):  # fmt: skip
+    if tuple(expected.shape) != tuple(got.shape) or not torch.allclose(expected.as_tensor(), got.as_tensor(), atol=1e-5):  # fmt: skip
         print("finetune_segmentation: error: the joint preprocessing differs from the run's", file=sys.stderr)  # fmt: skip
         return 2
     n_pool = len(pairs) - args.test
     test = [volume(i) for i in range(n_pool, len(pairs))]
     variants = ([] if args.no_scratch else ["scratch"]) + list(runs)
     args.output.mkdir(parents=True, exist_ok=True)
-    records = []
+    records, curves = [], []
     for seed in range(args.seeds):
         order = torch.randperm(
             n_pool, generator=torch.Generator().manual_seed(1000 + seed)
@@ -273,7 +302,8 @@ def main(argv=None) -> int:
             train_vols = [volume(i) for i in order[:n]]
             for v in variants:
                 t0 = time.perf_counter()
-                dice = train_and_test(v, runs.get(v), train_vols, test, ref, args, seed)
+                dice, curve = train_and_test(v, runs.get(v), train_vols, test, ref, args, seed)
+                curves += [{"variant": v, "labelled": n, "seed": seed, "iteration": it, "mean_dice": d} for it, d in curve.items()]  # fmt: skip
                 rec = {
                     "variant": v,
                     "labelled": n,
@@ -284,7 +314,8 @@ def main(argv=None) -> int:
                 records.append(rec)
                 print(f"seed {seed} n={n} {v}: mean Dice {rec['mean_dice']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
     table = write_outputs(args.output, records, args.labelled, variants)
-    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    write_curve(args.output, curves, variants)
+    settings = {k: (str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()}  # fmt: skip
     settings["seconds"] = round(time.perf_counter() - start, 1)
     (args.output / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
     print(table, end="")

@@ -17,8 +17,8 @@ layer. In Python:
     (1, 2048)
 
 Every image goes through the run's deterministic preprocessing
-(:func:`byol3d.train.build_transforms` ``[0]``: orientation, spacing, HU window, foreground crop,
-padding to the crop size). The network then sees it in windows of the pretraining crop size
+(:func:`byol3d.transforms.build_eval_transform`: orientation, spacing, HU window, foreground
+crop, padding to the crop size; for 2D frames also the views' normalisation). The network then sees it in windows of the pretraining crop size
 (``monai.inferers.sliding_window_inference``, so a 512 x 512 x 300 scan costs no more memory
 than one crop); the embedding is the global average of the stitched ``layer4`` map, i.e. the
 encoder's own ``avgpool`` output when the image is one crop.
@@ -43,8 +43,8 @@ from byol3d.config import default_config
 from byol3d.data.discovery import find_images, read_image_csv
 from byol3d.errors import CheckpointError, DataError
 from byol3d.evaluation.export import check_state, read_encoder_state
-from byol3d.models.encoders import build_encoder
-from byol3d.transforms import build_transforms
+from byol3d.models.encoders import build_encoder, layer_outputs
+from byol3d.transforms import build_eval_transform
 
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
 
@@ -76,9 +76,12 @@ class LoadedEncoder:
 
     @property
     def preprocess(self):
-        """The run's deterministic preprocessing: ``{"image": path} -> {"image": (C, *spatial)}``."""
+        """What the encoder saw in training, without augmentation (:func:`build_eval_transform`).
 
-        return build_transforms(self.config)[0]
+        ``{"image": path} -> {"image": (C, *spatial)}``: the run's deterministic preprocessing
+        and, for 2D frames, the views' [0, 1] scaling and ``transforms.mean/std`` normalisation.
+        """
+        return build_eval_transform(self.config)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
@@ -144,6 +147,23 @@ def load_encoder(source: str | Path, device: str | torch.device = "cpu") -> Load
     )
 
 
+def random_encoder(enc: LoadedEncoder, index: int = 0) -> nn.Module:
+    """A randomly initialised encoder of ``enc``'s architecture, in eval mode (the baseline).
+
+    Built after ``torch.manual_seed(run_seed + index)``, exactly as pretraining builds its
+    encoder, so ``random_encoder(enc, 0)`` *is* the initialisation the run started from; the
+    global RNG is restored afterwards.
+    """
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(int(enc.config.get("seed", 0)) + int(index))
+        net = build_encoder(enc.name, enc.spatial_dims, enc.in_channels, enc.norm)
+    finally:
+        torch.random.set_rng_state(state)
+    param = next(enc.encoder.parameters(), None)
+    return net.to(param.device if param is not None else "cpu").eval()
+
+
 def _unpack(encoder: LoadedEncoder | nn.Module, roi_size) -> tuple[nn.Module, tuple[int, ...]]:
     if isinstance(encoder, LoadedEncoder):
         return encoder.encoder, tuple(roi_size or encoder.roi_size)
@@ -160,19 +180,7 @@ class _LayerMaps(nn.Module):
         self.net, self.layers = net, tuple(layers)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out: dict[str, torch.Tensor] = {}
-        hooks = [
-            self.net.get_submodule(name).register_forward_hook(
-                lambda _m, _i, o, name=name: out.__setitem__(name, o)
-            )
-            for name in self.layers
-        ]
-        try:
-            self.net(x)
-        finally:
-            for h in hooks:
-                h.remove()
-        return tuple(out[name] for name in self.layers)
+        return tuple(layer_outputs(self.net, x, self.layers))
 
 
 @torch.no_grad()

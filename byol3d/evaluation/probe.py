@@ -46,8 +46,7 @@ from tqdm import tqdm
 
 from byol3d.data.discovery import read_image_csv
 from byol3d.errors import DataError
-from byol3d.evaluation.features import extract_features, load_encoder
-from byol3d.models.encoders import build_encoder
+from byol3d.evaluation.features import extract_features, load_encoder, random_encoder
 
 logger = logging.getLogger("byol3d")
 
@@ -178,13 +177,9 @@ def evaluate_run(
     enc = load_encoder(source)
     rows = read_image_csv(csv_path, root=root)
     labels = np.array([r["label"] for r in rows])
-    run_seed = int(enc.config.get("seed", 0))
     encoders = {"pretrained": enc.encoder}
     for i in range(seeds):
-        torch.manual_seed(run_seed + i)
-        encoders[f"random_{i}"] = build_encoder(
-            enc.name, enc.spatial_dims, enc.in_channels, enc.norm
-        ).eval()
+        encoders[f"random_{i}"] = random_encoder(enc, i)
     feats = _features_of_all(encoders, rows, enc.preprocess, enc.roi_size, overlap, progress)
     records = []
     for i in range(seeds):

@@ -113,6 +113,56 @@ def _replace_batch_norm(module: nn.Module, norm: str | tuple, spatial_dims: int)
             _replace_batch_norm(child, norm, spatial_dims)
 
 
+def layer_outputs(
+    net: nn.Module,
+    x: torch.Tensor,
+    layers: Sequence[str],
+    labels: Sequence[str] | None = None,
+) -> list[torch.Tensor]:
+    """One forward of ``net`` on ``x``; the outputs of the submodules named ``layers``.
+
+    The one forward-hook implementation of byol3d (:class:`HookedEncoder` and the feature
+    extractor use it): hooks live for this call only and are removed also when the forward
+    raises; the outputs are kept in local lists, never in a cache on the module, so nothing
+    survives ``deepcopy``/``torch.save`` and ``DataParallel`` replicas (which share the
+    original module's hook dict) each keep only their own output.
+
+    Args:
+        net: the network.
+        x: its input.
+        layers: names from ``dict(net.named_modules())``.
+        labels: how errors name each layer (default ``"layer 'name'"``).
+
+    Raises:
+        RuntimeError: a layer that the forward never ran, or whose output is not a tensor.
+    """
+    labels = list(labels) if labels is not None else [f"layer {name!r}" for name in layers]
+    modules = [net.get_submodule(name) for name in layers]
+    captured: list[list[torch.Tensor]] = [[] for _ in layers]
+    handles = [
+        module.register_forward_hook(
+            lambda m, _i, out, module=module, store=store: (
+                store.append(out) if m is module else None
+            )
+        )
+        for module, store in zip(modules, captured, strict=True)
+    ]
+    try:
+        net(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for label, store in zip(labels, captured, strict=True):
+        if not store:
+            raise RuntimeError(
+                f"{label} was never called in the encoder's forward; "
+                "choose a layer that the forward pass runs (e.g. 'avgpool' or 'layer4')"
+            )
+        if not isinstance(store[-1], torch.Tensor):
+            raise RuntimeError(f"{label} returned {type(store[-1]).__name__}, not a tensor")
+    return [store[-1] for store in captured]
+
+
 class HookedEncoder(nn.Module):
     """Any network plus the name of the layer whose output is the representation.
 
@@ -153,37 +203,10 @@ class HookedEncoder(nn.Module):
         self.dense_layer = dense_layer
 
     def _capture(self, x: torch.Tensor, layers: Sequence[str]) -> list[torch.Tensor]:
-        """One forward of ``net``; the outputs of ``layers`` (hooks removed afterwards)."""
-        modules = [self.net.get_submodule(name) for name in layers]
-        captured: list[list[torch.Tensor]] = [[] for _ in layers]
-        handles = []
-        for module, store in zip(modules, captured, strict=True):
-            # DataParallel replicas share the hook dict of the original module: keep only this
-            # replica's own output
-            handles.append(
-                module.register_forward_hook(
-                    lambda m, _i, out, module=module, store=store: (
-                        store.append(out) if m is module else None
-                    )
-                )
-            )
-        try:
-            self.net(x)
-        finally:
-            for handle in handles:
-                handle.remove()
-        outs = []
-        for name, store in zip(layers, captured, strict=True):
-            label = f"{'hidden_layer' if name == self.layer else 'dense_layer'} {name!r}"
-            if not store:
-                raise RuntimeError(
-                    f"{label} was never called in the encoder's forward; "
-                    "choose a layer that the forward pass runs (e.g. 'avgpool' or 'layer4')"
-                )
-            if not isinstance(store[-1], torch.Tensor):
-                raise RuntimeError(f"{label} returned {type(store[-1]).__name__}, not a tensor")
-            outs.append(store[-1])
-        return outs
+        labels = [
+            f"{'hidden_layer' if name == self.layer else 'dense_layer'} {name!r}" for name in layers
+        ]
+        return layer_outputs(self.net, x, layers, labels=labels)
 
     @staticmethod
     def _pool(out: torch.Tensor) -> torch.Tensor:

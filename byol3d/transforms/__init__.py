@@ -17,13 +17,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from monai.transforms import Compose
+
 from byol3d.data.discovery import list_images
 from byol3d.data.stats import compute_mean_std
 from byol3d.errors import ConfigError
-from byol3d.transforms.ct import ct_preprocess, view_transforms
-from byol3d.transforms.frames import FRAME_ONLY_KEYS, build_frame_transforms
+from byol3d.transforms.ct import PreprocessCompose, ct_preprocess, view_transforms
+from byol3d.transforms.frames import (
+    FRAME_ONLY_KEYS,
+    build_frame_transforms,
+    frame_network_input,
+)
 
-__all__ = ["build_transforms", "config_mean_std"]
+__all__ = ["build_eval_transform", "build_transforms", "config_mean_std"]
 
 _PREPROCESS_KEYS = ("roi_size", "hu_window", "pixdim", "crop_foreground", "foreground_hu")
 
@@ -59,6 +65,46 @@ def build_transforms(cfg: Mapping[str, Any]):
     except ValueError as err:
         raise ConfigError(f"transforms: {err}") from err
     return preprocess, views
+
+
+def build_eval_transform(cfg: Mapping[str, Any], label_key: str | None = None) -> Compose:
+    """What a frozen encoder of this config must see: the training input without augmentation.
+
+    ``{"image": path} -> {"image": (C, *spatial) float32}``: the deterministic preprocessing
+    of :func:`build_transforms`, then the deterministic steps every training view ends with
+    (2D: uint8 -> [0, 1] and the ``transforms.mean/std`` normalisation; 3D: none, the HU
+    window already maps to [0, 1]). Evaluation, extraction, export reports and the kNN
+    monitor all use it, so they preprocess exactly as training did.
+
+    Args:
+        cfg: a run's (validated) config.
+        label_key: also load a label map under this key with the image's geometry
+            (nearest-neighbour resampling, the image's crop; 3D only), for dense probes.
+
+    Raises:
+        ConfigError: settings the transforms reject; a ``label_key`` for 2D frames.
+    """
+    preprocess, _ = build_transforms(cfg)
+    if cfg["data"]["spatial_dims"] == 2:
+        if label_key is not None:
+            raise ConfigError("label maps are supported for 3D volumes only (data.spatial_dims 3)")
+        tf_cfg = cfg["transforms"]
+        try:
+            network_input = frame_network_input("image", tf_cfg.get("mean"), tf_cfg.get("std"))
+        except ValueError as err:
+            raise ConfigError(f"transforms: {err}") from err
+        return PreprocessCompose([preprocess, network_input], config=preprocess.config)
+    if label_key is None:
+        return preprocess
+    tf_cfg = cfg["transforms"]
+    try:
+        return ct_preprocess(
+            in_channels=cfg["data"]["in_channels"],
+            label_key=label_key,
+            **{k: tf_cfg[k] for k in _PREPROCESS_KEYS},
+        )
+    except ValueError as err:
+        raise ConfigError(f"transforms: {err}") from err
 
 
 def config_mean_std(

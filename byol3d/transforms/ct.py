@@ -119,6 +119,7 @@ def ct_preprocess(
     crop_foreground: bool = True,
     foreground_hu: float = -500.0,
     in_channels: int = 1,
+    label_key: str | None = None,
 ) -> PreprocessCompose:
     """The deterministic (cacheable) part of the CT pipeline: a path in, a tensor out.
 
@@ -144,6 +145,11 @@ def ct_preprocess(
         foreground_hu: the HU threshold of the body; default -500 (above lung's about -850,
             so only the air outside the patient is cut away).
         in_channels: expected number of channels; a file with another count is an error.
+        label_key: also load a label map under this key (e.g. ``"label"`` for rows
+            ``{"image": ..., "label": ...}``) and give it the same geometry: reoriented,
+            resampled with nearest neighbour, cropped to the image's body box and padded
+            with 0, returned as int64. The image path is unchanged by it, so evaluation
+            with labels sees exactly the voxels pretraining saw.
 
     Returns:
         A :class:`PreprocessCompose` (a ``monai.transforms.Compose``) whose output ``image``
@@ -170,15 +176,21 @@ def ct_preprocess(
     if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
     key_list = [keys] if isinstance(keys, str) else list(keys)
+    if label_key is not None and label_key in key_list:
+        raise ValueError(f"label_key {label_key!r} must differ from the image keys {key_list}")
+    labels = [label_key] if label_key is not None else []
+    geometric = key_list + labels
 
     transforms: list = [
-        image_loader(key_list),
-        EnsureChannelFirstd(key_list),
+        image_loader(geometric),
+        EnsureChannelFirstd(geometric),
         ValidateImaged(key_list, in_channels=in_channels, spatial_dims=dims),
-        Orientationd(key_list, axcodes="RAS"[:dims], labels=None),
+        *([ValidateImaged(labels, in_channels=1, spatial_dims=dims)] if labels else []),
+        Orientationd(geometric, axcodes="RAS"[:dims], labels=None),
     ]
     if pixdim is not None:
-        transforms.append(Spacingd(key_list, pixdim=pixdim, mode="bilinear", dtype=np.float32))
+        modes = ["bilinear"] * len(key_list) + ["nearest"] * len(labels)
+        transforms.append(Spacingd(geometric, pixdim=pixdim, mode=modes, dtype=np.float32))
     transforms.append(
         ScaleIntensityRanged(key_list, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
     )
@@ -186,7 +198,7 @@ def ct_preprocess(
         threshold = (float(foreground_hu) - low) / (high - low)
         transforms.append(
             CropForegroundd(
-                key_list,
+                geometric,
                 source_key=key_list[0],
                 select_fn=_AboveThreshold(threshold),
                 allow_smaller=True,
@@ -195,8 +207,9 @@ def ct_preprocess(
             )
         )
     transforms += [
-        _SpatialPadNoted(key_list, spatial_size=roi),
+        _SpatialPadNoted(geometric, spatial_size=roi),
         EnsureTyped(key_list, dtype=torch.float32),
+        *([EnsureTyped(labels, dtype=torch.int64)] if labels else []),
     ]
     config = {
         "keys": key_list,
@@ -207,6 +220,8 @@ def ct_preprocess(
         "foreground_hu": float(foreground_hu),
         "in_channels": in_channels,
     }
+    if label_key is not None:
+        config["label_key"] = label_key
     return PreprocessCompose(transforms, config=config)
 
 

@@ -259,6 +259,21 @@ def _normalise(key: str, mean: list[float], std: list[float]) -> NormalizeIntens
     return NormalizeIntensityd(key, subtrahend=mean, divisor=std, channel_wise=True)
 
 
+def frame_network_input(
+    key: str = "image", mean: Sequence[float] | None = None, std: Sequence[float] | None = None
+) -> Compose:
+    """What every view ends with, without the augmentations: uint8 -> [0, 1] -> ``(x - mean) / std``.
+
+    Evaluation, extraction and the kNN monitor apply it after :func:`frame_preprocess`, so a
+    frozen 2D encoder sees inputs on the scale it was trained on (the views normalise inside
+    :func:`frame_views`). ``mean``/``std`` as in :func:`frame_views`.
+    """
+    mean_t, std_t = _stats("mean", mean), _stats("std", std)
+    if min(std_t) <= 0:
+        raise ValueError(f"std must be positive, got {std!r}")
+    return Compose([_ToUnitd(key), _normalise(key, mean_t, std_t)])
+
+
 def applied(views: Compose) -> list[dict[str, bool]]:
     """Which random ops fired in the last call of a :func:`frame_views` pipeline, per view.
 
@@ -291,6 +306,8 @@ _FRAME_VIEW_ONLY = (
     "std",
 )
 
+#: ``transforms.*`` config keys only the 2D path reads (the 3D views never see them).
+FRAME_ONLY_KEYS = ("frame_size", *_FRAME_VIEW_ONLY)
 
 #: ``transforms.*`` config keys :func:`frame_views` takes (by the same names).
 VIEW_KEYS_2D = (
@@ -303,8 +320,6 @@ VIEW_KEYS_2D = (
     *_FRAME_VIEW_ONLY,
 )
 
-#: ``transforms.*`` config keys only the 2D path reads (the 3D views never see them).
-FRAME_ONLY_KEYS = ("frame_size", *_FRAME_VIEW_ONLY)
 
 def build_frame_transforms(cfg: Mapping[str, Any]) -> tuple[PreprocessCompose, Compose]:
     """The 2D preprocessing and views of a config (``data.spatial_dims: 2``).
