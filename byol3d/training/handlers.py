@@ -324,7 +324,7 @@ class KnnMonitor:
     Args:
         encoder: the online encoder (a MONAI ResNet; its ``layer4`` map is pooled).
         csv_path: labels CSV (see :func:`byol3d.data.discovery.read_image_list`).
-        preprocess: the run's deterministic preprocessing (``build_transforms(cfg)[0]``).
+        preprocess: what the encoder sees without augmentation (``build_eval_transform(cfg)``).
         roi_size: sliding-window size (the crop size).
         every: epochs between evaluations (>= 1).
         k: neighbours.

@@ -51,7 +51,7 @@ from byol3d.training.checkpoint import (
 from byol3d.training.distributed import is_main, world_size
 from byol3d.training.engine import unwrap
 from byol3d.training.handlers import plot_and_summarize
-from byol3d.transforms import build_transforms
+from byol3d.transforms import build_eval_transform, build_transforms
 
 logger = logging.getLogger("byol3d")
 
@@ -118,7 +118,8 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
                             log_every=train["log_every"], dense=model_cfg["dense_weight"] > 0,
                             views_every=train["tensorboard_views_every"],
                             progress=train["progress"])  # fmt: skip
-    attach_evaluation(trainer, model, out, val_loader, val_views, preprocess=preprocess,
+    # the kNN monitor sees what evaluation sees: the views' input without the augmentations
+    attach_evaluation(trainer, model, out, val_loader, val_views, preprocess=build_eval_transform(cfg),
                       roi_size=roi, knn_csv=train["knn_csv"], knn_every=train["knn_every"],
                       device=device, amp_dtype=amp_dtype, seed=seed, writer=writer)  # fmt: skip
     to_save = training_state(model, optimizer, lr_scheduler, trainer, scaler, cfg)
