@@ -63,6 +63,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from byol3d.data.phantom_anatomy import (
+    Canvas,
+    body_frame,
+    paint_bone,
+    paint_organs,
+    paint_soft_tissue,
+    scanner,
+    smooth_noise,
+)
+
 LABEL_NAMES: dict[int, str] = {
     0: "background",
     1: "liver",
@@ -132,46 +142,6 @@ def _check_geometry(shape, spacing) -> tuple[tuple[int, ...], tuple[float, ...]]
     return tuple(int(s) for s in shape), sp
 
 
-def _noise(rng: np.random.Generator, shape: tuple, spacing: tuple, sigma_mm: float) -> np.ndarray:
-    """Unit-variance Gaussian noise smoothed by a Gaussian of ``sigma_mm`` (periodic).
-
-    White noise is drawn directly in the Fourier domain, which saves the forward FFT.
-    """
-    kx, ky = (np.fft.fftfreq(n, d) for n, d in zip(shape[:2], spacing[:2], strict=True))
-    kz = np.fft.rfftfreq(shape[2], spacing[2])
-    c = -2.0 * (np.pi * sigma_mm) ** 2
-    g = [np.exp(c * k**2).astype(np.float32) for k in (kx, ky, kz)]
-    f = rng.standard_normal((2, *shape[:2], len(kz)), dtype=np.float32)
-    f = (f[0] + 1j * f[1]) * (g[0][:, None, None] * g[1][None, :, None] * g[2][None, None, :])
-    out = np.fft.irfftn(f, s=shape, axes=(0, 1, 2)).astype(np.float32)
-    return out / max(float(out.std()), 1e-12)
-
-
-def _blur(a: np.ndarray, axis: int, w: float) -> np.ndarray:
-    """Three-tap [w, 1-2w, w] blur along ``axis`` with edge padding."""
-    pad = [(0, 0)] * a.ndim
-    pad[axis] = (1, 1)
-    p = np.pad(a, pad, mode="edge")
-    n = a.shape[axis]
-    take = [np.take(p, np.arange(o, o + n), axis=axis) for o in range(3)]
-    return w * (take[0] + take[2]) + (1 - 2 * w) * take[1]
-
-
-def _ell(x, y, z, c, r, rot: float = 0.0) -> np.ndarray:
-    """Squared normalised radius of an ellipsoid (centre ``c``, semi-axes ``r``, in-plane
-    rotation ``rot`` degrees); an infinite z semi-axis gives a cylinder."""
-    dx, dy = x - c[0], y - c[1]
-    if rot:
-        cs, sn = math.cos(math.radians(rot)), math.sin(math.radians(rot))
-        dx, dy = cs * dx + sn * dy, -sn * dx + cs * dy
-    return (dx / r[0]) ** 2 + (dy / r[1]) ** 2 + ((z - c[2]) / r[2]) ** 2
-
-
-def _sup(x, y, a, b, p) -> np.ndarray:
-    """Normalised superellipse radius (``p`` = 2: ellipse; larger: boxier)."""
-    return (np.abs(x / a) ** p + np.abs(y / b) ** p) ** (1.0 / p)
-
-
 def make_phantom(
     seed: int,
     shape: tuple[int, int, int] = (96, 96, 64),
@@ -205,128 +175,18 @@ def make_phantom(
     lesions = rng.uniform([-0.5, -0.5, -0.6, 10, -20], [0.5, 0.5, 0.2, 22, 20], size=(6, 5))
     n_lesions = int(rng.integers(3, 7))
 
-    # Patient coordinates (mm): x towards the patient's left, y posterior, z superior.
     sx, sy, sz = spacing
-    ax = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing, strict=True)]
-    gx, gy = np.meshgrid(ax[0] - p["dx"], ax[1] - p["dy"], indexing="ij")
-    cs, sn = math.cos(math.radians(p["rot"])), math.sin(math.radians(p["rot"]))
-    x = (cs * gx + sn * gy)[:, :, None].astype(np.float32)
-    y = (-sn * gx + cs * gy)[:, :, None].astype(np.float32)
-    z = (ax[2] - p["dz"])[None, None, :].astype(np.float32)
-    rho = np.sqrt(x**2 + y**2) + 1e-3
-    ant, post = np.clip(-y / rho, 0, 1), np.clip(y / rho, 0, 1)
-    zd, size = p["zd"], p["size"]
-
-    # Diaphragm: two domes (right one higher), deeper posterior recesses; thorax above it.
-    def dome(cx: float, top: float) -> np.ndarray:
-        return top - 70 * (((x - cx) / 95) ** 2 + ((y + 5) / 85) ** 2) - 25 * post
-
-    thorax = z > np.maximum(dome(-65, zd), dome(65, zd - 12))
-    t = 1 / (1 + np.exp(-(z - zd + 20) / 25))  # 0 in the abdomen, 1 in the chest
-    a_m = size * (125 + 5 * t)  # muscle outline semi-axes
-    b_m = size * p["ap"] * (88 + 7 * t)
-    pw = np.where(y > 0, np.float32(2.7), np.float32(2.1))  # flatter back
-    fat = p["fat"] * (1 - 0.35 * t) * (1 + 0.4 * ant - 0.3 * post)
-    body = _sup(x, y, a_m + fat, b_m + fat, pw) <= 1
-    r_mus = _sup(x, y, a_m, b_m, pw)
-    muscle = r_mus <= 1
-    wall = 12 + 4 * t
-    y_vb = b_m - 55  # vertebral body centre
-    para = _sup(x, y - y_vb - 40, 62 - 12 * t, 38 - 6 * t, 2.5) <= 1  # paraspinal muscles
-    cavity = (_sup(x, y, a_m - wall, b_m - wall, pw) <= 1) & ~para
-    abdomen = cavity & ~thorax
-
+    b = body_frame(shape, spacing, p)
     rng_tex = np.random.default_rng(rng.integers(2**63))
-    tex = _noise(rng_tex, shape, spacing, 3.0)
-    bowel_n = _noise(rng_tex, shape, spacing, 7.0)
-    v1, v2 = _noise(rng_tex, shape, spacing, 5.0), _noise(rng_tex, shape, spacing, 5.0)
+    tex = smooth_noise(rng_tex, shape, spacing, 3.0)
+    bowel_n = smooth_noise(rng_tex, shape, spacing, 7.0)
+    v1, v2 = smooth_noise(rng_tex, shape, spacing, 5.0), smooth_noise(rng_tex, shape, spacing, 5.0)
     vmax = np.maximum(np.abs(v1), np.abs(v2))
-
-    img = np.full(shape, -1000.0, dtype=np.float32)
-    lab = np.zeros(shape, dtype=np.uint8)
-
-    def paint(m: np.ndarray, hu, amp: float = 0.0, label: int | None = None) -> None:
-        m = np.broadcast_to(m, shape)
-        img[m] = np.broadcast_to(hu + amp * tex, shape)[m]
-        if label is not None:
-            lab[m] = label
-
-    paint(body, -100.0, 8)
-    paint(muscle, 45.0, 6)
-    # Abdomen: bowel loops (some gas) in visceral fat; thorax: mediastinal fat.
-    bowel = (bowel_n > (p["visc"] - 0.5) * 2.6) & (y < y_vb - 25)  # retroperitoneum: fat
-    paint(abdomen, np.where(bowel, 30.0, -95.0), 8)
-    paint(abdomen & bowel & (v1 > 1.6), -900.0, 30)
-    paint(cavity & thorax, -90.0, 8)
-    hil = np.sqrt((np.abs(x) - 50) ** 2 + (y - y_vb + 30) ** 2)
-    strength = np.clip(1 - vmax / (0.15 + 0.35 * np.exp(-hil / 40)), 0, 1)
-    heart_r = _ell(x, y, z, (28, -0.35 * b_m, zd + 30), (54, 40, 50), 35)
-    med = _sup(x - 6, y - y_vb + 50, 38, 60, 2.0) <= 1
-    lungs = cavity & thorax & ~med & (heart_r > 1.25)
-    paint(lungs, -860 + 50 * post + 900 * np.sqrt(strength), 25, 5)
-    paint(thorax & cavity & (heart_r <= 1), np.where(heart_r < 0.7, 140.0, 45.0), 8)
-    psoas = np.hypot(np.abs(x) - 30, y - y_vb + 2) < np.clip((zd - 110 - z) * 0.25 + 8, 0, 24)
-    paint(abdomen & psoas, 45.0, 6)
-    # Stomach with an air-fluid level (anterior air, patient supine) and a gallbladder.
-    st = _ell(x, y, z, (45, -45, zd - 45), (45, 35, 45), 30)
-    paint(abdomen & (st <= 1), np.where(st > 0.75, 40.0, 10.0), 5)
-    paint(abdomen & (st <= 0.75) & (y < -45 - 18), -1000.0)
-    # Liver (right lobe + left lobe), then spleen where not liver.
-    lv = p["liver"]
-    liver = (_ell(x, y, z, (-62, 0, zd - 55), (78 * lv, 82 * lv, 85 * lv)) <= 1) | (
-        _ell(x, y, z, (12, -45, zd - 35), (55 * lv, 32 * lv, 40 * lv)) <= 1
-    )
-    liver &= abdomen
-    paint(liver, p["liver_hu"] + 70 * np.clip(1 - vmax / 0.09, 0, 1), 6, 1)
-    paint(abdomen & (_ell(x, y, z, (-35, -40, zd - 95), (15, 15, 30)) <= 1), 10.0, 3, 0)
-    s = p["spleen"] * (p["big"] if class_label == 2 else 1.0)
-    shift = (s / p["spleen"] - 1) / 0.6
-    spl = _ell(x, y, z, (80 - 8 * shift, 28 - 30 * shift, zd - 55 - 36 * shift), (24 * s, 58 * s, 52 * s), 38)  # fmt: skip
-    paint(abdomen & (spl <= 1) & (lab != 1), p["spleen_hu"], 5, 2)
-    # Kidneys: lower poles lateral; cortex, medulla, hilar sinus fat.
-    for side, label, cz in ((1, 3, zd - 120), (-1, 4, zd - 135 + p["kid_dz"])):
-        kv = p["kidney"]
-        cx = side * (72 + 0.25 * (cz - z))
-        kr = _ell(x, y, z, (cx, y_vb + 10, cz), (27 * kv, 24 * kv, 55 * kv), side * 30)
-        m = muscle & (kr <= 1) & ~para
-        paint(m, np.where(kr > 0.5, 150.0, 30.0), 6, label)
-        sinus = _ell(x, y, z, (cx - side * 14, y_vb + 2, cz), (12, 10, 25)) <= 1
-        paint(m & sinus, -50.0, 10, 0)
-    if class_label == 1:
-        for dx, dy, dz, r, hu in lesions[:n_lesions]:
-            c = (-62 + dx * 78 * lv, dy * 82 * lv, zd - 55 + dz * 85 * lv)
-            paint((_ell(x, y, z, c, (r, r, r)) <= 1) & (lab == 1), hu, 5)
-    # Vessels: aorta (label) and inferior vena cava (unlabelled, carves the liver).
-    aorta = _ell(x, y, z, (14 + 16 * t, y_vb - 30 + 16 * t, 0), (11 * size, 11 * size, np.inf))
-    paint(body & (aorta <= 1), p["aorta_hu"], 8, 7)
-    ivc = _ell(x, y, z, (-24, y_vb - 24, 0), (13, 10, np.inf)) <= 1
-    paint(body & ivc & (z < zd + 10), 110.0, 8, 0)
-
-    # Bone: vertebral body (cortex, discs), canal, posterior elements, ribs, sternum.
-    ct = max(3.0, 0.75 * min(sx, sy)) / 17
-    vb = _sup(x, y - y_vb, 22, 17, 2.0)
-    disc = np.mod(z - p["disc_ph"], 31) < 7
-    paint((vb <= 1) & disc, 90.0, 6, 0)
-    paint((vb <= 1) & ~disc, np.where(vb > 1 - ct, 1000.0, p["bone_hu"]), 25, 6)
-    yc = y_vb + 27
-    rc = np.sqrt(x**2 + (y - yc) ** 2)
-    arch = ((rc <= 16) & (y >= yc - 3)) | (_ell(x, y, 0, (0, yc + 28, 0), (5, 16, np.inf)) <= 1)
-    arch |= _ell(np.abs(x), y, 0, (28, yc + 2, 0), (16, 4, np.inf)) <= 1
-    paint(muscle & arch & (rc > 9), 700.0, 30, 6)
-    paint(rc <= 9, 15.0, 5, 0)
-    depth = (1 - r_mus) * 0.5 * (a_m + b_m)
-    drop = 100 * (1 - y / rho) / 2  # ribs slope down anteriorly
-    ribs = (depth > 4) & (depth < 14) & (np.mod(z + drop - p["rib_ph"], 28) < 10)
-    ribs &= (ant < 0.9) & ~((np.abs(x) < 30) & (y > 0)) & (z > zd - 80 + 60 * ant)
-    paint(ribs, 650.0, 40, 6)
-    stern = _ell(x, y, z, (0, -b_m + 9, 0), (16, 6, np.inf)) <= 1
-    paint(stern & (z > zd - 25), 450.0, 30, 6)
-
-    # Scanner: partial-volume blur, then in-plane-correlated noise.
-    img = _blur(_blur(_blur(img, 0, 0.15), 1, 0.15), 2, 0.1)
-    noise = rng_tex.standard_normal(shape, dtype=np.float32)
-    img += _blur(_blur(noise, 0, 0.25), 1, 0.25) * (p["noise"] / 0.375)
-    image = np.clip(np.rint(img), -1024, 3071).astype(np.int16)
+    canvas = Canvas(shape, tex)
+    paint_soft_tissue(canvas, b, p, bowel_n, v1, vmax)
+    paint_organs(canvas, b, p, class_label, lesions[:n_lesions], vmax)
+    paint_bone(canvas, b, p, spacing)
+    image = scanner(canvas.img, rng_tex, p["noise"])
 
     affine = np.diag([-sx, -sy, sz, 1.0])
     affine[:3, 3] = [
@@ -334,7 +194,7 @@ def make_phantom(
         (shape[1] - 1) / 2 * sy + p["oy"],
         p["oz"],
     ]
-    return Phantom(image=image, labels=lab, class_label=int(class_label), affine=affine)
+    return Phantom(image=image, labels=canvas.lab, class_label=int(class_label), affine=affine)
 
 
 def _save_nifti(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
