@@ -344,12 +344,73 @@ def list_images(
     return find_images(root, dicom=dicom)
 
 
-def read_image_csv(
-    path: PathLike, root: PathLike | None = None, require_label: bool = True
-) -> list[dict[str, Any]]:
-    """:func:`read_image_list` with labels required by default and ``"path"`` for ``"image"``.
+_LABELLED_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
-    The spelling :mod:`byol3d.evaluation` reads labelled lists with; same rule, same errors.
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for ext in _LABELLED_SUFFIXES:
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return path.stem
+
+
+def segmentation_pairs(source: str | Path) -> list[tuple[str, str]]:
+    """``(image, label map)`` paths of a labelled data set, sorted by image name.
+
+    Args:
+        source: a CSV (columns ``path`` or ``image``, and ``segmentation`` or ``label_map``;
+            relative paths against the CSV's folder), a folder holding such a ``classes.csv``,
+            or a folder with ``images/`` + ``labels/`` (or ``imagesTr/`` + ``labelsTr/``) whose
+            files share names (an image's ``_0000`` channel suffix is dropped when matching).
+
+    Raises:
+        DataError: naming the missing file, column or folder.
     """
-    rows = read_image_list(path, root, require_label=require_label)
-    return [{("path" if k == "image" else k): v for k, v in row.items()} for row in rows]
+    src = Path(source)
+    csv_path = src if src.is_file() else src / "classes.csv"
+    if csv_path.is_file():
+        columns, rows = _read_csv(csv_path)
+        image_col = next((c for c in ("path", "image") if c in columns), None)
+        label_col = next((c for c in ("segmentation", "label_map") if c in columns), None)
+        if image_col is None or label_col is None:
+            raise DataError(
+                f"{str(csv_path)!r} needs an image column ('path' or 'image') and a label-map "
+                f"column ('segmentation' or 'label_map'), has {columns}"
+            )
+        pairs = []
+        for line, row in enumerate(rows, start=2):
+            files = []
+            for col in (image_col, label_col):
+                value = (row.get(col) or "").strip()
+                if not value:
+                    raise DataError(f"{str(csv_path)!r} line {line}: empty {col!r}")
+                file = Path(value) if Path(value).is_absolute() else csv_path.parent / value
+                if not file.exists():
+                    raise DataError(f"{str(csv_path)!r} line {line}: {str(file)!r} does not exist")
+                files.append(str(file))
+            pairs.append((files[0], files[1]))
+    else:
+        folders = next(
+            ((src / i, src / lab) for i, lab in (("images", "labels"), ("imagesTr", "labelsTr"))
+             if (src / i).is_dir() and (src / lab).is_dir()),
+            None,
+        )  # fmt: skip
+        if folders is None:
+            raise DataError(
+                f"{str(src)!r} is neither a CSV nor a folder with classes.csv, images/ + labels/ "
+                "or imagesTr/ + labelsTr/"
+            )
+        labels = {_stem(p): p for p in folders[1].iterdir() if not p.name.startswith(".")}
+        pairs = []
+        for image in sorted(folders[0].iterdir()):
+            if image.name.startswith("."):
+                continue
+            stem = _stem(image)
+            label = labels.get(stem) or labels.get(stem.removesuffix("_0000"))
+            if label is None:
+                raise DataError(f"no label map for {str(image)!r} in {str(folders[1])!r}")
+            pairs.append((str(image), str(label)))
+    if not pairs:
+        raise DataError(f"{str(source)!r} lists no labelled images")
+    return sorted(pairs, key=lambda p: Path(p[0]).name)

@@ -58,10 +58,12 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 from tqdm import tqdm
 
+from byol3d.data.discovery import segmentation_pairs
+from byol3d.data.readers import as_tensor
 from byol3d.errors import DataError
 from byol3d.evaluation.features import LoadedEncoder, load_encoder, random_encoder
 from byol3d.evaluation.stats import dice_per_label, paired_difference
-from byol3d.models.correspondence import feature_stride
+from byol3d.models.correspondence import feature_stride, upsample_to_voxels
 from byol3d.models.encoders import layer_outputs
 from byol3d.transforms import build_eval_transform
 
@@ -72,115 +74,9 @@ __all__ = [
     "dense_probe_run",
     "fit_linear_probe",
     "format_dense_report",
-    "segmentation_pairs",
-    "upsample_to_voxels",
 ]
 
 PROBE_LAYERS = ("layer1", "layer2", "layer3")
-_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for ext in _IMAGE_SUFFIXES:
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return path.stem
-
-
-def segmentation_pairs(source: str | Path) -> list[tuple[str, str]]:
-    """``(image, label map)`` paths of a labelled data set, sorted by image name.
-
-    Args:
-        source: a CSV (columns ``path`` or ``image``, and ``segmentation`` or ``label_map``;
-            relative paths against the CSV's folder), a folder holding such a ``classes.csv``,
-            or a folder with ``images/`` + ``labels/`` (or ``imagesTr/`` + ``labelsTr/``) whose
-            files share names (an image's ``_0000`` channel suffix is dropped when matching).
-
-    Raises:
-        DataError: naming the missing file, column or folder.
-    """
-    src = Path(source)
-    csv_path = src if src.is_file() else src / "classes.csv"
-    if csv_path.is_file():
-        with open(csv_path, newline="") as fh:
-            reader = csv.DictReader(fh)
-            columns = reader.fieldnames or []
-            rows = list(reader)
-        image_col = next((c for c in ("path", "image") if c in columns), None)
-        label_col = next((c for c in ("segmentation", "label_map") if c in columns), None)
-        if image_col is None or label_col is None:
-            raise DataError(
-                f"{str(csv_path)!r} needs an image column ('path' or 'image') and a label-map "
-                f"column ('segmentation' or 'label_map'), has {columns}"
-            )
-        pairs = []
-        for line, row in enumerate(rows, start=2):
-            files = []
-            for col in (image_col, label_col):
-                value = (row.get(col) or "").strip()
-                if not value:
-                    raise DataError(f"{str(csv_path)!r} line {line}: empty {col!r}")
-                file = Path(value) if Path(value).is_absolute() else csv_path.parent / value
-                if not file.exists():
-                    raise DataError(f"{str(csv_path)!r} line {line}: {str(file)!r} does not exist")
-                files.append(str(file))
-            pairs.append((files[0], files[1]))
-    else:
-        folders = next(
-            ((src / i, src / lab) for i, lab in (("images", "labels"), ("imagesTr", "labelsTr"))
-             if (src / i).is_dir() and (src / lab).is_dir()),
-            None,
-        )  # fmt: skip
-        if folders is None:
-            raise DataError(
-                f"{str(src)!r} is neither a CSV nor a folder with classes.csv, images/ + labels/ "
-                "or imagesTr/ + labelsTr/"
-            )
-        labels = {_stem(p): p for p in folders[1].iterdir() if not p.name.startswith(".")}
-        pairs = []
-        for image in sorted(folders[0].iterdir()):
-            if image.name.startswith("."):
-                continue
-            stem = _stem(image)
-            label = labels.get(stem) or labels.get(stem.removesuffix("_0000"))
-            if label is None:
-                raise DataError(f"no label map for {str(image)!r} in {str(folders[1])!r}")
-            pairs.append((str(image), str(label)))
-    if not pairs:
-        raise DataError(f"{str(source)!r} lists no labelled images")
-    return sorted(pairs, key=lambda p: Path(p[0]).name)
-
-
-def upsample_to_voxels(fmap: torch.Tensor, size: Sequence[int], stride: int) -> torch.Tensor:
-    """Read a stride-``stride`` feature map at every voxel of a ``size`` grid.
-
-    Cell ``j`` sits on voxel ``stride * j`` (MONAI's padded strided convolutions centre it
-    there); voxels between cell centres are linearly interpolated, voxels past the last cell
-    take its value.
-
-    Args:
-        fmap: ``(B, C, *cells)``.
-        size: the voxel grid, one size per spatial axis.
-        stride: voxels per cell.
-
-    Returns:
-        ``(B, C, *size)``.
-
-    >>> f = torch.tensor([[[0.0, 1.0, 2.0]]])
-    >>> upsample_to_voxels(f, [7], stride=2).tolist()
-    [[[0.0, 0.5, 1.0, 1.5, 2.0, 2.0, 2.0]]]
-    """
-    cells = fmap.shape[2:]
-    spanned = [stride * (n - 1) + 1 for n in cells]  # voxel 0 .. stride*(n-1)
-    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(cells)]
-    up = F.interpolate(fmap, size=spanned, mode=mode, align_corners=True)
-    pad = []
-    for have, want in zip(reversed(spanned), reversed(list(size)), strict=True):
-        pad += [0, max(0, want - have)]
-    if any(pad):
-        up = F.pad(up, pad, mode="replicate")
-    return up[(..., *(slice(0, s) for s in size))]
 
 
 @dataclass
@@ -206,8 +102,7 @@ def volume_features(
     The whole image is one forward pass when it has at most ``max_voxels`` voxels (exact cell
     geometry); larger images are seen in sliding windows of ``roi_size`` (overlap 0.5).
     """
-    x = image.as_tensor() if hasattr(image, "as_tensor") else torch.as_tensor(image)
-    x = x.float()
+    x = as_tensor(image).float()
     param = next(net.parameters())
     x = x.unsqueeze(0).to(param.device)
     spatial = tuple(x.shape[2:])
@@ -453,7 +348,7 @@ def _load_pairs(
     items = []
     for image, label in tqdm(pairs, desc="preprocess", unit="volume", disable=not progress):
         d = transform({"image": image, "label": label})
-        img, lab = (x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x) for x in (d["image"], d["label"]))  # fmt: skip
+        img, lab = as_tensor(d["image"]), as_tensor(d["label"])
         lab = lab[0].long()
         if (lab < 0).any():
             raise DataError(f"{label!r} holds negative labels; labels must be 0 (background), 1, 2, ...")  # fmt: skip

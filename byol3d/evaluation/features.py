@@ -40,7 +40,8 @@ from torch import nn
 from tqdm import tqdm
 
 from byol3d.config import default_config
-from byol3d.data.discovery import find_images, read_image_csv
+from byol3d.data.discovery import find_images, read_image_list
+from byol3d.data.readers import as_tensor
 from byol3d.errors import CheckpointError, DataError
 from byol3d.evaluation.export import check_state, read_encoder_state
 from byol3d.models.encoders import build_encoder, layer_outputs
@@ -237,8 +238,7 @@ def feature_maps(
         net.train(was_training)
     if isinstance(maps, torch.Tensor):  # MONAI unpacks a predictor's 1-tuple
         maps = (maps,)
-    return {name: m[0].float().as_tensor() if hasattr(m, "as_tensor") else m[0].float()
-            for name, m in zip(layers, maps)}  # fmt: skip
+    return {name: as_tensor(m[0]).float() for name, m in zip(layers, maps, strict=True)}
 
 
 def extract_features(
@@ -297,7 +297,7 @@ def extract_to_folder(
             layer, ``(channels, *spatial / stride)``).
         data: folder searched recursively like ``data.root`` (NIfTI, NRRD, MHA, DICOM series).
         csv: instead of ``data``: a CSV with a ``path`` (or ``id``) column, see
-            :func:`byol3d.evaluate.read_image_csv`; ``root`` resolves its relative paths.
+            :func:`byol3d.data.discovery.read_image_list`; ``root`` resolves its relative paths.
         layers: also write the stitched feature maps of these layers (``layer1..layer4``).
         overlap: sliding-window overlap.
         device: where to run the encoder.
@@ -315,9 +315,9 @@ def extract_to_folder(
             raise DataError(f"invalid layer {bad[0]!r}, must be some of {', '.join(LAYERS)}")
     enc = load_encoder(source, device=device)
     if csv is not None:
-        rows = read_image_csv(csv, root=root, require_label=False)
+        rows = read_image_list(csv, root=root)
     else:
-        rows = [{"path": p} for p in find_images(data, dicom=bool(enc.config["data"]["dicom"]))]
+        rows = [{"image": p} for p in find_images(data, dicom=bool(enc.config["data"]["dicom"]))]
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     if layers:
@@ -325,7 +325,7 @@ def extract_to_folder(
     preprocess = enc.preprocess
     features = []
     for i, row in enumerate(tqdm(rows, desc="extract", unit="image", disable=not progress)):
-        image = preprocess({"image": row["path"]})["image"]
+        image = preprocess({"image": row["image"]})["image"]
         wanted = tuple(dict.fromkeys(["layer4", *(layers or [])]))
         maps = feature_maps(enc, image, wanted, overlap=overlap, device=device)
         features.append(maps["layer4"].flatten(1).mean(1))
@@ -338,5 +338,5 @@ def extract_to_folder(
         writer = csv_module.writer(fh, lineterminator="\n")
         writer.writerow(columns)
         for i, row in enumerate(rows):
-            writer.writerow([i, row["path"], *(row.get(c, "") for c in columns[2:])])
+            writer.writerow([i, row["image"], *(row.get(c, "") for c in columns[2:])])
     return out / "features.npy", out / "index.csv"

@@ -10,7 +10,7 @@ id). ``byol3d demo-data`` writes such a ``classes.csv``.
 Protocol (nothing in it depends on the data set):
 
 * Embeddings: the run's preprocessing and sliding-window global average pooling
-  (:func:`byol3d.features.extract_features`), for the pretrained encoder and for ``seeds``
+  (:func:`byol3d.evaluation.features.extract_features`), for the pretrained encoder and for ``seeds``
   randomly initialised encoders of the same architecture. Random encoder ``i`` is built after
   ``torch.manual_seed(run_seed + i)``, as pretraining builds its encoder, so random encoder 0
   is exactly the initialisation the pretrained one started from.
@@ -44,7 +44,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 from tqdm import tqdm
 
-from byol3d.data.discovery import read_image_csv
+from byol3d.data.discovery import read_image_list
 from byol3d.errors import DataError
 from byol3d.evaluation.features import extract_features, load_encoder, random_encoder
 
@@ -149,7 +149,7 @@ def _features_of_all(
 
     feats: dict[str, list[np.ndarray]] = {name: [] for name in encoders}
     for row in tqdm(rows, desc="embed", unit="image", disable=not progress):
-        image = preprocess({"image": row["path"]})["image"]
+        image = preprocess({"image": row["image"]})["image"]
         for name, net in encoders.items():  # each image preprocessed once for all encoders
             feats[name].append(extract_features(net, [image], roi_size=roi, overlap=overlap)[0])
     return {name: np.stack(v) for name, v in feats.items()}
@@ -175,7 +175,7 @@ def evaluate_run(
     if seeds < 1 or folds < 2:
         raise DataError(f"need seeds >= 1 and folds >= 2, got seeds={seeds}, folds={folds}")
     enc = load_encoder(source)
-    rows = read_image_csv(csv_path, root=root)
+    rows = read_image_list(csv_path, root=root, require_label=True)
     labels = np.array([r["label"] for r in rows])
     encoders = {"pretrained": enc.encoder}
     for i in range(seeds):

@@ -35,6 +35,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 
 def _check_box(box: torch.Tensor) -> None:
@@ -258,3 +259,34 @@ def cells_to_view(
     s = torch.tensor(strides, device=cells.device)
     o = torch.tensor(offsets, device=cells.device)
     return (cells.float() * s + o + 0.5) / view
+
+
+def upsample_to_voxels(fmap: torch.Tensor, size: Sequence[int], stride: int) -> torch.Tensor:
+    """Read a stride-``stride`` feature map at every voxel of a ``size`` grid.
+
+    Cell ``j`` sits on voxel ``stride * j`` (MONAI's padded strided convolutions centre it
+    there); voxels between cell centres are linearly interpolated, voxels past the last cell
+    take its value.
+
+    Args:
+        fmap: ``(B, C, *cells)``.
+        size: the voxel grid, one size per spatial axis.
+        stride: voxels per cell.
+
+    Returns:
+        ``(B, C, *size)``.
+
+    >>> f = torch.tensor([[[0.0, 1.0, 2.0]]])
+    >>> upsample_to_voxels(f, [7], stride=2).tolist()
+    [[[0.0, 0.5, 1.0, 1.5, 2.0, 2.0, 2.0]]]
+    """
+    cells = fmap.shape[2:]
+    spanned = [stride * (n - 1) + 1 for n in cells]  # voxel 0 .. stride*(n-1)
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(cells)]
+    up = F.interpolate(fmap, size=spanned, mode=mode, align_corners=True)
+    pad = []
+    for have, want in zip(reversed(spanned), reversed(list(size)), strict=True):
+        pad += [0, max(0, want - have)]
+    if any(pad):
+        up = F.pad(up, pad, mode="replicate")
+    return up[(..., *(slice(0, s) for s in size))]

@@ -14,7 +14,7 @@ consequences matter to users:
 Nothing here downloads weights: MedicalNet weights are never fetched.
 
 >>> import torch
->>> from byol3d.networks import build_encoder, HookedEncoder
+>>> from byol3d.models.encoders import build_encoder, HookedEncoder
 >>> enc = build_encoder("resnet10", spatial_dims=3, in_channels=1)
 >>> HookedEncoder(enc, "avgpool").feature_dim((1, 32, 32, 32))
 512
@@ -180,7 +180,7 @@ class HookedEncoder(nn.Module):
         layer: a name from ``dict(net.named_modules())``; ``"avgpool"`` by default.
         dense_layer: optionally a second layer whose spatial output
             :meth:`forward_with_map` returns next to the representation, from the same
-            forward pass (dense BYOL, :mod:`byol3d.dense`). It adds no parameters.
+            forward pass (dense BYOL, :mod:`byol3d.models.dense`). It adds no parameters.
 
     Raises:
         ValueError: when ``layer`` or ``dense_layer`` is not a submodule of ``net`` (the

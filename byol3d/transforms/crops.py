@@ -24,8 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
-from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable
+
+from byol3d.checks import check_pair
+from byol3d.data.readers import as_tensor
 
 
 def check_roi(roi_size: Sequence[int]) -> tuple[int, ...]:
@@ -36,20 +38,6 @@ def check_roi(roi_size: Sequence[int]) -> tuple[int, ...]:
     ):
         raise ValueError(f"roi_size must hold positive ints, got {roi_size!r}")
     return tuple(int(r) for r in roi_size)
-
-
-def check_range(
-    name: str, value: Sequence[float], low: float = 0.0, high: float = math.inf, strict=True
-):
-    """A (min, max) pair with low (<) min <= max <= high; ValueError naming ``name`` otherwise."""
-    try:
-        lo, hi = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a pair (min, max), got {value!r}") from None
-    if not (lo <= hi and (lo > low if strict else lo >= low) and hi <= high):
-        bound = f"{low} <{'' if strict else '='} min <= max <= {high}"
-        raise ValueError(f"{name} must satisfy {bound}, got {value!r}")
-    return lo, hi
 
 
 _EPS = 1e-9  # relative slack when comparing side ratios computed in floating point
@@ -182,8 +170,8 @@ class RandResizedCropd(Randomizable, MapTransform):
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.roi_size = check_roi(roi_size)
         self.spatial_dims = len(self.roi_size)
-        self.scale = check_range("scale", scale, 0.0, 1.0)
-        self.ratio = check_range("ratio", ratio)
+        self.scale = check_pair("scale", scale, 0.0, 1.0)
+        self.ratio = check_pair("ratio", ratio)
         log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
         if self.spatial_dims == 3 and max(log_lo, 2 * log_lo) > min(log_hi, 2 * log_hi) + 1e-12:
             raise ValueError(
@@ -267,7 +255,7 @@ class RandResizedCropd(Randomizable, MapTransform):
         return d
 
     def _crop_resize(self, img: Any, box: np.ndarray) -> torch.Tensor:
-        t = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+        t = as_tensor(img)
         patch = t[(slice(None), *(slice(int(a), int(b)) for a, b in box))].float()
         if tuple(patch.shape[1:]) == self.roi_size:
             return patch.clone()  # never hand out a view of the input

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from byol3d.data.discovery import segmentation_pairs
 from byol3d.data.synthetic_ct import write_demo_dataset
 from byol3d.errors import DataError
 from byol3d.evaluation.dense_probe import (
@@ -15,11 +16,10 @@ from byol3d.evaluation.dense_probe import (
     dense_probe_run,
     fit_linear_probe,
     predict_volume,
-    segmentation_pairs,
-    upsample_to_voxels,
     volume_features,
 )
 from byol3d.evaluation.features import load_encoder
+from byol3d.models.correspondence import upsample_to_voxels
 from byol3d.models.encoders import build_encoder
 from tests.evaluation.test_export import write_run
 

@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from byol3d.cli import main
-from byol3d.data.discovery import read_image_csv
+from byol3d.data.discovery import read_image_list
 from byol3d.data.synthetic_ct import write_demo_dataset
 from byol3d.errors import DataError
 from byol3d.evaluation.probe import knn_accuracy, linear_probe_accuracy, loo_knn_accuracy
+from byol3d.training.pretrain import pretrain
 from tests.evaluation.test_export import write_run
+from tests.training.test_pretrain import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -45,22 +47,22 @@ def test_loo_knn_matches_a_hand_count():
     assert loo_knn_accuracy(f, [0, 0, 1, 1, 1], k=1) == pytest.approx(4 / 5)
 
 
-def test_read_image_csv_resolves_paths_and_ids(phantoms, tmp_path):
-    rows = read_image_csv(phantoms / "classes.csv")
+def test_labelled_list_resolves_paths_and_ids(phantoms, tmp_path):
+    rows = read_image_list(phantoms / "classes.csv", require_label=True)
     assert rows[1] == {
-        "path": str(phantoms / "images" / "ct_001.nii.gz"),
+        "image": str(phantoms / "images" / "ct_001.nii.gz"),
         "id": "ct_001",
         "label": "1",
     }
     (tmp_path / "ids.csv").write_text("id,label\nct_000,a\nct_001,b\n")
-    rows = read_image_csv(tmp_path / "ids.csv", root=phantoms)
-    assert rows[0]["path"].endswith("ct_000.nii.gz") and rows[1]["label"] == "b"
+    rows = read_image_list(tmp_path / "ids.csv", root=phantoms, require_label=True)
+    assert rows[0]["image"].endswith("ct_000.nii.gz") and rows[1]["label"] == "b"
     (tmp_path / "bad.csv").write_text("path,label\nimages/nope.nii.gz,0\n")
     with pytest.raises(DataError, match="line 2.*nope.nii.gz.*does not exist"):
-        read_image_csv(tmp_path / "bad.csv", root=phantoms)
+        read_image_list(tmp_path / "bad.csv", root=phantoms, require_label=True)
     (tmp_path / "nolabel.csv").write_text("path\nimages/ct_000.nii.gz\n")
     with pytest.raises(DataError, match="needs a 'label' column"):
-        read_image_csv(tmp_path / "nolabel.csv", root=phantoms)
+        read_image_list(tmp_path / "nolabel.csv", root=phantoms, require_label=True)
 
 
 def test_evaluate_compares_with_random_encoders_of_the_run_seed_policy(phantoms, tmp_path, capsys):
@@ -88,9 +90,6 @@ def test_evaluate_compares_with_random_encoders_of_the_run_seed_policy(phantoms,
 
 
 def test_online_knn_monitor_logs_to_epochs_csv(phantoms, tmp_path):
-    from byol3d.training.pretrain import pretrain
-    from tests.training.test_pretrain import tiny_config
-
     cfg = tiny_config(phantoms / "images", tmp_path / "run", "train.max_epochs=2",
                       f"train.knn_csv={phantoms / 'classes.csv'}", "train.knn_every=2")  # fmt: skip
     pretrain(cfg)
