@@ -36,7 +36,7 @@ demo: demo-data
 	$(BIN)/byol3d pretrain configs/demo_ct.yaml data.root=$(DEMO_DATA)/images output_dir=$(DEMO_RUN) $(ARGS)
 	$(BIN)/byol3d demo-data $(DEMO_EVAL) --n 10 --seed 7
 	$(BIN)/byol3d evaluate $(DEMO_RUN) --segmentation $(DEMO_EVAL) --labelled 1 3 --seeds 3 \
-		--random-inits 2 --test 4 --voxels-per-class 1000
+		--random-inits 2 --test 4 --voxels-per-class 500
 
 # The transfer study: a 200-phantom pretraining pool, global and global+dense runs, frozen
 # dense probe and FlexibleUNet fine-tuning at 1, 3 and 6 labelled volumes against random

@@ -50,6 +50,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_run_commands(sub)
+    _add_data_commands(sub)
+    _add_downstream_commands(sub)
+    _add_evaluate_command(sub)
+    return parser
+
+
+def _add_run_commands(sub) -> None:
+    """pretrain and demo-data."""
     p = sub.add_parser(
         "pretrain", help="pretrain an encoder with BYOL (resumes from OUTPUT_DIR/checkpoints)"
     )
@@ -111,6 +120,10 @@ def _parser() -> argparse.ArgumentParser:
         metavar=("W", "H"),
         help="endoscopy: frame width and height in pixels (default 128 112)",
     )
+
+
+def _add_data_commands(sub) -> None:
+    """extract-frames, stats, preview, plot."""
     x = sub.add_parser(
         "extract-frames",
         help="write every N-th frame of videos as images (needs PyAV: pip install av)",
@@ -141,6 +154,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dir", help="the run's output_dir")
     pl.add_argument("--output", default=None, help="PNG path (default RUN_DIR/training.png)")
 
+
+def _add_downstream_commands(sub) -> None:
+    """extract and export."""
     ex = sub.add_parser("extract", help="embeddings of every image (features.npy + index.csv)")
     ex.add_argument("run_dir", help="run directory, encoder.pt or checkpoint")
     src = ex.add_mutually_exclusive_group(required=True)
@@ -160,6 +176,9 @@ def _parser() -> argparse.ArgumentParser:
     xp.add_argument("--backbone", default=None, help="architecture expected, e.g. resnet50")
     xp.add_argument("--output", required=True, help="the .pt file to write")
 
+
+def _add_evaluate_command(sub) -> None:
+    """evaluate: the global probe (--csv) and the dense probe (--segmentation)."""
     ev = sub.add_parser(
         "evaluate",
         help="pretrained vs random init: linear probe and kNN (--csv), frozen dense probe (--segmentation)",
@@ -181,7 +200,6 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
     ev.add_argument("--seeds", type=int, default=None, help="split seeds (default 3 for --csv, 5 labelled-set draws for --segmentation)")  # fmt: skip
     ev.add_argument("--k", type=int, default=5, help="kNN neighbours (default 5)")
-    return parser
 
 
 def _setup_logging(quiet: bool) -> None:
