@@ -40,10 +40,10 @@ demo: demo-data
 
 # The transfer study: a 200-phantom pretraining pool, global and global+dense runs, frozen
 # dense probe and FlexibleUNet fine-tuning at 1, 3 and 6 labelled volumes against random
-# init, paired over 5 seeds; tables and the plot go to docs/evaluation.md (about 90 minutes
+# init, paired over 5 seeds (3 for fine-tuning); tables go to docs/evaluation.md (about 90 minutes
 # on 2 cores). Its own data: runs/study/pool and runs/study/eval.
 study: install
-	$(BIN)/python scripts/transfer_study.py --output runs/study --epochs 8 --doc docs/evaluation.md $(ARGS)
+	$(BIN)/python scripts/transfer_study.py --output runs/study --epochs 8 --ft-seeds 3 --doc docs/evaluation.md $(ARGS)
 
 # The same trainer on 2D RGB frames: synthetic endoscopy frames, preview, a short CPU run.
 demo-endoscopy: install
