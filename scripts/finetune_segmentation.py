@@ -8,8 +8,10 @@
         --run dense=runs/eval_dense --output runs/seg_eval          # several runs side by side
     python scripts/finetune_segmentation.py ... --quick             # a smoke test (seconds)
 
-Protocol. ``--data`` is a folder with ``classes.csv`` whose ``segmentation`` column names a
-label volume per image (``byol3d demo-data`` writes one; labels 0..7, background 0). Images
+Protocol. ``--data`` holds image / label-map pairs as ``byol3d evaluate --segmentation`` reads
+them (:func:`byol3d.data.discovery.segmentation_pairs`: a ``classes.csv`` whose
+``segmentation`` column names a label volume per image, as ``byol3d demo-data`` writes with
+labels 0..7, or ``images/`` + ``labels/``, or ``imagesTr/`` + ``labelsTr/``). Images
 and labels get the runs' own preprocessing (orientation RAS, ``pixdim``, HU window, crop to
 the body, pad; labels resampled with nearest neighbour), checked to equal the pretraining
 preprocessing of the image. The last ``--test`` volumes (sorted by id) are a fixed test set;
@@ -46,6 +48,7 @@ from monai.transforms import (
 )
 
 import byol3d
+from byol3d.data.discovery import segmentation_pairs
 from byol3d.data.synthetic_ct import LABEL_NAMES
 from byol3d.errors import Byol3dError, DataError
 from byol3d.evaluation.features import LoadedEncoder
@@ -58,20 +61,6 @@ DECODER = (64, 32, 16, 16, 8)  # a small decoder: the encoder carries most of th
 def joint_preprocess(enc: LoadedEncoder):
     """The run's own preprocessing applied to an image and its label map together."""
     return build_eval_transform(enc.config, label_key="label")
-
-
-def read_pairs(data: Path) -> list[tuple[str, str, str]]:
-    """``(id, image, label)`` of every row of ``data/classes.csv`` with a segmentation."""
-    table = data / "classes.csv"
-    if not table.is_file():
-        raise DataError(f"{str(table)!r} does not exist (write demo data with `byol3d demo-data`)")
-    with open(table, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    pairs = [(r.get("id") or r["path"], str(data / r["path"]), str(data / r["segmentation"]))
-             for r in rows if r.get("segmentation")]  # fmt: skip
-    if not pairs:
-        raise DataError(f"{str(table)!r} has no 'segmentation' column entries")
-    return sorted(pairs)
 
 
 def sample_crops(volumes, crop: int, batch: int, gen: torch.Generator):
@@ -209,7 +198,10 @@ def write_curve(out: Path, curves: list[dict], variants) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--data", required=True, type=Path, help="folder with classes.csv, images/, labels/"
+        "--data",
+        required=True,
+        type=Path,
+        help="labelled pairs: classes.csv with a segmentation column, images/ + labels/, or imagesTr/ + labelsTr/",
     )
     p.add_argument(
         "--run",
@@ -265,7 +257,7 @@ def main(argv=None) -> int:
                 raise DataError(f"run {name!r} differs from the first run in encoder or preprocessing: {same}")  # fmt: skip
         if args.crop % 32 or args.infer_roi % 32:
             raise DataError(f"--crop {args.crop} and --infer-roi {args.infer_roi} must be multiples of 32 (FlexibleUNet)")  # fmt: skip
-        pairs = read_pairs(args.data)
+        pairs = segmentation_pairs(args.data)
         if args.test >= len(pairs) or max(args.labelled) > len(pairs) - args.test:
             raise DataError(f"{len(pairs)} labelled volumes cannot hold {args.test} test + {max(args.labelled)} training volumes")  # fmt: skip
     except (Byol3dError, ValueError) as err:
@@ -278,14 +270,14 @@ def main(argv=None) -> int:
     def volume(i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Image and label of pair ``i``, preprocessed once, when first needed."""
         if i not in cache:
-            d = pre({"image": pairs[i][1], "label": pairs[i][2]})
+            d = pre({"image": pairs[i][0], "label": pairs[i][1]})
             if args.crop > min(d["image"].shape[1:]):
                 d = SpatialPadd(["image", "label"], spatial_size=[args.crop] * ref.spatial_dims)(d)
             cache[i] = (torch.as_tensor(d["image"].as_tensor()), d["label"].as_tensor().long())
         return cache[i]
 
-    expected = check({"image": pairs[0][1]})["image"]
-    got = pre({"image": pairs[0][1], "label": pairs[0][2]})["image"]
+    expected = check({"image": pairs[0][0]})["image"]
+    got = pre({"image": pairs[0][0], "label": pairs[0][1]})["image"]
     if tuple(expected.shape) != tuple(got.shape) or not torch.allclose(expected.as_tensor(), got.as_tensor(), atol=1e-5):  # fmt: skip
         print("finetune_segmentation: error: the joint preprocessing differs from the run's", file=sys.stderr)  # fmt: skip
         return 2

@@ -344,17 +344,6 @@ def list_images(
     return find_images(root, dicom=dicom)
 
 
-_LABELLED_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for ext in _LABELLED_SUFFIXES:
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return path.stem
-
-
 def segmentation_pairs(source: str | Path) -> list[tuple[str, str]]:
     """``(image, label map)`` paths of a labelled data set, sorted by image name.
 
