@@ -111,6 +111,28 @@ class _SpatialPadNoted(SpatialPadd):
         return super().__call__(data, lazy=lazy)
 
 
+def _check_ct_arguments(dims, hu_window, pixdim, crop_foreground, foreground_hu, in_channels):
+    """:func:`ct_preprocess`'s argument checks; ``(low, high, pixdim as a tuple or None)``."""
+    low, high = check_pair("hu_window", hu_window, -math.inf, strict=False)
+    if not low < high:
+        raise ValueError(f"hu_window must be (low, high) with low < high, got {hu_window!r}")
+    if pixdim is not None:
+        if isinstance(pixdim, (int, float, str)) or len(pixdim) != dims:
+            raise ValueError(
+                f"pixdim must hold {dims} spacings (one per axis of roi_size), got {pixdim!r}"
+            )
+        if not all(float(p) > 0 for p in pixdim):
+            raise ValueError(f"pixdim must be positive spacings in mm, got {pixdim!r}")
+        pixdim = tuple(float(p) for p in pixdim)
+    if crop_foreground and not low < foreground_hu < high:
+        raise ValueError(
+            f"foreground_hu must lie inside hu_window {tuple(hu_window)}, got {foreground_hu!r}"
+        )
+    if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+    return low, high, pixdim
+
+
 def ct_preprocess(
     keys: KeysCollection = "image",
     roi_size: Sequence[int] = (128, 128, 128),
@@ -158,23 +180,7 @@ def ct_preprocess(
     """
     roi = check_roi(roi_size)
     dims = len(roi)
-    low, high = check_pair("hu_window", hu_window, -math.inf, strict=False)
-    if not low < high:
-        raise ValueError(f"hu_window must be (low, high) with low < high, got {hu_window!r}")
-    if pixdim is not None:
-        if isinstance(pixdim, (int, float, str)) or len(pixdim) != dims:
-            raise ValueError(
-                f"pixdim must hold {dims} spacings (one per axis of roi_size), got {pixdim!r}"
-            )
-        if not all(float(p) > 0 for p in pixdim):
-            raise ValueError(f"pixdim must be positive spacings in mm, got {pixdim!r}")
-        pixdim = tuple(float(p) for p in pixdim)
-    if crop_foreground and not low < foreground_hu < high:
-        raise ValueError(
-            f"foreground_hu must lie inside hu_window {tuple(hu_window)}, got {foreground_hu!r}"
-        )
-    if not isinstance(in_channels, int) or isinstance(in_channels, bool) or in_channels < 1:
-        raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+    low, high, pixdim = _check_ct_arguments(dims, hu_window, pixdim, crop_foreground, foreground_hu, in_channels)  # fmt: skip
     key_list = [keys] if isinstance(keys, str) else list(keys)
     if label_key is not None and label_key in key_list:
         raise ValueError(f"label_key {label_key!r} must differ from the image keys {key_list}")
