@@ -97,6 +97,11 @@ OPTIONS: dict[str, Option] = {
         ("layer1", "layer2", "layer3", "layer4"),
     ),
     "model.dense_grid": Option(4, (int,), "dense term: points per axis sampled in each overlap"),
+    "model.separate_views": Option(
+        False,
+        (bool,),
+        "forward each view alone (batch norm over one view, as the paper) instead of both in one batch",
+    ),
     # transforms
     "transforms.roi_size": Option(
         [128, 128, 128], (list,), "crop size of each view, one entry per spatial dim, each >= 32"

@@ -138,6 +138,9 @@ class BYOL(nn.Module):
             under about 96 voxels a side).
         dense_grid: points per axis sampled in each overlap (``dense_grid ** spatial_dims``
             points per sample).
+        separate_views: forward each view through each network on its own, so batch norm
+            normalises over the B samples of one view (the paper's implementation) instead of
+            over both views together (2B samples in one concatenated pass, the default).
 
     Submodules: ``online_encoder``, ``online_projector``, ``predictor`` (trained) and
     ``target_encoder``, ``target_projector`` (``requires_grad=False``, updated only by
@@ -157,6 +160,7 @@ class BYOL(nn.Module):
         dense_weight: float = 0.0,
         dense_layer: str = "layer3",
         dense_grid: int = 4,
+        separate_views: bool = False,
     ) -> None:
         super().__init__()
         if not (isinstance(dense_weight, (int, float)) and 0.0 <= dense_weight < math.inf):
@@ -165,6 +169,7 @@ class BYOL(nn.Module):
             raise ValueError(f"invalid dense_grid {dense_grid!r}, must be a positive integer")
         self.dense_weight = float(dense_weight)
         self.dense_grid = dense_grid
+        self.separate_views = bool(separate_views)
         self.online_encoder = HookedEncoder(
             encoder, hidden_layer, dense_layer if self.dense_weight > 0 else None
         )
@@ -216,12 +221,11 @@ class BYOL(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Symmetric BYOL loss of two batches of views of the same images.
 
-        Both views go through each network in one concatenated forward pass: one kernel launch
-        per layer instead of two, and batch norm normalises over both views together (2B
-        samples). The paper's implementation forwards each view separately, so its batch
-        statistics come from one view at a time; which of the two transfers better has not
-        been measured here (the choice is for speed, and at 3D batch sizes of 2-8 the larger
-        normalisation batch is the steadier one).
+        By default both views go through each network in one concatenated forward pass: one
+        kernel launch per layer instead of two, and batch norm normalises over both views
+        together (2B samples). With ``separate_views`` each view goes through alone, as in the
+        paper's implementation, so batch statistics come from one view at a time (see
+        docs/evaluation.md for what each measured downstream).
 
         Args:
             view1, view2: ``(B, C, *spatial)`` tensors of equal shape, row i of each being two
@@ -249,24 +253,37 @@ class BYOL(nn.Module):
                     "box/flip/rot90 (see byol3d.training.engine.view_geometry)"
                 )
             return self._forward_dense(x, n, geometry1, geometry2, return_stats)
-        z = self.online_projector(self.online_encoder(x))
-        p = self.predictor(z)
+        z = self._per_view(lambda v: self.online_projector(self.online_encoder(v)), x, n)
+        p = self._per_view(self.predictor, z, n)
         with torch.no_grad():
-            t = self.target_projector(self.target_encoder(x))
+            t = self._per_view(lambda v: self.target_projector(self.target_encoder(v)), x, n)
         loss = byol_loss(p[:n], t[n:]) + byol_loss(p[n:], t[:n])
         if return_stats:
             return loss, {"collapse": collapse_std(z)}
         return loss
 
+    def _per_view(self, fn, x: torch.Tensor, n: int):
+        """``fn(x)`` on the concatenated views, or on each view alone with ``separate_views``.
+
+        ``fn`` returns a tensor or a tuple of tensors (batch first); halves are concatenated
+        back, so the caller sees rows 0..n-1 for view 1 and n..2n-1 for view 2 either way.
+        """
+        if not self.separate_views:
+            return fn(x)
+        a, b = fn(x[:n]), fn(x[n:])
+        if isinstance(a, tuple):
+            return tuple(torch.cat(pair) for pair in zip(a, b))
+        return torch.cat([a, b])
+
     def _forward_dense(self, x, n, geometry1, geometry2, return_stats):
-        h, fmap = self.online_encoder.forward_with_map(x)
-        z = self.online_projector(h)
-        p = self.predictor(z)
-        dense_p = self.dense_predictor(self.online_dense_projector(fmap))
+        h, fmap = self._per_view(self.online_encoder.forward_with_map, x, n)
+        z = self._per_view(self.online_projector, h, n)
+        p = self._per_view(self.predictor, z, n)
+        dense_p = self._per_view(lambda f: self.dense_predictor(self.online_dense_projector(f)), fmap, n)  # fmt: skip
         with torch.no_grad():
-            th, tmap = self.target_encoder.forward_with_map(x)
-            t = self.target_projector(th)
-            dense_t = self.target_dense_projector(tmap)
+            th, tmap = self._per_view(self.target_encoder.forward_with_map, x, n)
+            t = self._per_view(self.target_projector, th, n)
+            dense_t = self._per_view(self.target_dense_projector, tmap, n)
         dense = dense_term(
             dense_p, dense_t, geometry1, geometry2, grid=self.dense_grid, view_shape=x.shape[2:]
         )

@@ -78,6 +78,7 @@ def build_model(
     dense_weight: float,
     dense_layer: str,
     dense_grid: int,
+    separate_views: bool,
     spatial_dims: int,
     in_channels: int,
     roi_size: Sequence[int],
@@ -105,6 +106,7 @@ def build_model(
             dense_weight=dense_weight,
             dense_layer=dense_layer,
             dense_grid=dense_grid,
+            separate_views=separate_views,
         )
     except ValueError as err:  # an unknown hidden_layer, a roi_size the encoder cannot take
         raise ConfigError(f"model.hidden_layer / transforms.roi_size: {err}") from err

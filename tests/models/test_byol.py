@@ -75,6 +75,21 @@ def test_forward_equals_symmetric_loss_by_hand():
     torch.testing.assert_close(loss, expected)
 
 
+def test_separate_views_normalises_each_view_alone():
+    model, joint = tiny_byol(separate_views=True), tiny_byol()
+    torch.manual_seed(2)
+    v1, v2 = torch.randn(4, 8), torch.randn(4, 8)
+    # in eval mode batch norm uses running statistics: both forms agree exactly
+    torch.testing.assert_close(joint.eval()(v1, v2), model.eval()(v1, v2))
+    loss = model.train()(v1, v2)
+    # by hand: each view through each network alone (batch norm sees one view at a time)
+    z1, z2 = (model.online_projector(model.online_encoder(v)) for v in (v1, v2))
+    p1, p2 = model.predictor(z1), model.predictor(z2)
+    t1, t2 = (model.target_projector(model.target_encoder(v)) for v in (v1, v2))
+    torch.testing.assert_close(loss, byol_loss(p1, t2) + byol_loss(p2, t1))
+    assert not torch.allclose(joint.train()(v1, v2), loss)  # batch statistics differ in training
+
+
 def test_target_gets_no_gradient_and_holds_no_predictor():
     model = tiny_byol()
     loss = model(torch.randn(4, 8), torch.randn(4, 8))
