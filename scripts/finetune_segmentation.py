@@ -19,8 +19,10 @@ for each seed, ``n`` training volumes (``--labelled``, default 1 3 6) are drawn 
 others, the same volumes for every variant. Each variant ("scratch" and one per ``--run``)
 builds ``FlexibleUNet(backbone=<run's encoder>)`` after ``torch.manual_seed(seed)``, loads the
 encoder with ``byol3d.load_into_flexible_unet`` (not for scratch), and trains all weights for
-``--iterations`` Adam steps (lr ``--lr``) on random ``--crop`` crops (batch ``--batch``) with
-``DiceCELoss``. The score is the Dice of each foreground label on the whole test volumes
+``--iterations`` Adam steps on random ``--crop`` crops (batch ``--batch``) with ``DiceCELoss``;
+the learning rate ``--lr`` decays to 0 on a cosine. Scratch trains every weight at ``--lr``; a
+pretrained encoder trains at ``--encoder-lr`` times it (0.1 by default) and can be held frozen
+for the first ``--warmup`` steps while the random decoder catches up (0 by default). The score is the Dice of each foreground label on the whole test volumes
 (sliding window), averaged over test volumes and then over labels.
 
 Outputs in ``--output``: ``results.csv`` (one row per variant, n and seed, with per-label
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -75,6 +78,28 @@ def sample_crops(volumes, crop: int, batch: int, gen: torch.Generator):
     return torch.stack(images), torch.stack(labels)
 
 
+def make_optimizer(net, pretrained: bool, args) -> torch.optim.Optimizer:
+    """Adam over two groups: the encoder at ``lr * encoder_lr`` when pretrained, the rest at ``lr``.
+
+    A from-scratch network trains every weight at ``lr`` (its usual recipe). A pretrained
+    encoder gets ``--encoder-lr`` times that (0.1 by default, the common discriminative
+    fine-tuning rule), so the random decoder's large early gradients do not wash out what
+    pretraining learnt.
+    """
+    enc = list(net.encoder.parameters())
+    ids = {id(p) for p in enc}
+    rest = [p for p in net.parameters() if id(p) not in ids]
+    scale = args.encoder_lr if pretrained else 1.0
+    return torch.optim.Adam([{"params": enc, "lr": args.lr * scale}, {"params": rest, "lr": args.lr}])  # fmt: skip
+
+
+def set_encoder_frozen(net, frozen: bool) -> None:
+    """Freeze the encoder (no gradients, BatchNorm statistics kept) or release it."""
+    for p in net.encoder.parameters():
+        p.requires_grad_(not frozen)
+    net.encoder.train(not frozen)
+
+
 def train_and_test(variant, source, train_vols, test_vols, enc, args, seed):
     torch.manual_seed(seed)
     net = FlexibleUNet(enc.in_channels, args.n_labels, backbone=enc.name, spatial_dims=enc.spatial_dims,
@@ -83,15 +108,20 @@ def train_and_test(variant, source, train_vols, test_vols, enc, args, seed):
         report = byol3d.load_into_flexible_unet(net, source)
         print(f"  {variant}: {report}", flush=True)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    opt = make_optimizer(net, source is not None, args)
+    # cosine decay to zero: the last steps average out the crop-to-crop noise of the weights
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, args.iterations) / args.iterations)))  # fmt: skip
+    warmup = args.warmup if source is not None else 0
     gen = torch.Generator().manual_seed(seed)
     curve = {}
     for it in range(1, args.iterations + 1):
         net.train()
+        set_encoder_frozen(net, it <= warmup)
         x, y = sample_crops(train_vols, args.crop, args.batch, gen)
         opt.zero_grad(set_to_none=True)
         loss_fn(net(x), y).backward()
         opt.step()
+        sched.step()
         if seed == 0 and it in args.curve_at and it != args.iterations:  # the curve: seed 0
             curve[it] = float(np.nanmean(test_dice(net, test_vols, enc, args)))
     dice = test_dice(net, test_vols, enc, args)
@@ -228,7 +258,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--crop", type=int, default=32, help="training crop (a multiple of 32)")
     p.add_argument("--infer-roi", type=int, default=96, help="sliding-window size at test time (multiple of 32)")  # fmt: skip
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (cosine decay to 0)")
+    p.add_argument("--encoder-lr", type=float, default=0.1, help="a pretrained encoder's learning rate as a fraction of --lr (scratch: 1)")  # fmt: skip
+    p.add_argument("--warmup", type=int, default=0, help="steps with a pretrained encoder frozen (decoder only) before all weights train")  # fmt: skip
     p.add_argument("--n-labels", type=int, default=8, help="label values 0..N-1 (phantoms: 8)")
     p.add_argument("--no-scratch", action="store_true", help="leave out the from-scratch baseline")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 seed, 1 labelled volume, 3 iterations, 2 test volumes")  # fmt: skip

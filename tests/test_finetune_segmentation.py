@@ -31,6 +31,32 @@ def test_dice_per_label_counts_overlap_exactly():
     assert dice[2] != dice[2]
 
 
+def test_pretrained_encoder_gets_its_own_learning_rate_and_warm_up():
+    import argparse
+
+    import torch
+    from monai.networks.nets import FlexibleUNet
+
+    seg = load_script()
+    net = FlexibleUNet(1, 3, backbone="resnet10", spatial_dims=3, decoder_channels=(8, 8, 8, 8, 8))
+    args = argparse.Namespace(lr=1e-3, encoder_lr=0.1)
+    enc, rest = seg.make_optimizer(net, True, args).param_groups
+    assert enc["lr"] == pytest.approx(1e-4) and rest["lr"] == pytest.approx(1e-3)
+    n_enc = sum(1 for _ in net.encoder.parameters())
+    assert len(enc["params"]) == n_enc and len(enc["params"]) + len(rest["params"]) == len(list(net.parameters()))  # fmt: skip
+    assert [g["lr"] for g in seg.make_optimizer(net, False, args).param_groups] == [1e-3, 1e-3]
+    net.train()
+    seg.set_encoder_frozen(net, True)
+    assert not any(p.requires_grad for p in net.encoder.parameters()) and not net.encoder.training
+    assert all(p.requires_grad for p in net.decoder.parameters()) and net.decoder.training
+    before = [b.clone() for b in net.encoder.buffers()]
+    net(torch.randn(2, 1, 32, 32, 32)).sum().backward()  # frozen: BatchNorm statistics kept
+    assert all(torch.equal(a, b) for a, b in zip(before, net.encoder.buffers()))
+    assert all(p.grad is None for p in net.encoder.parameters())
+    seg.set_encoder_frozen(net, False)
+    assert all(p.requires_grad for p in net.encoder.parameters()) and net.encoder.training
+
+
 @pytest.mark.slow
 def test_quick_protocol_writes_tables_and_plot(tmp_path):
     data = tmp_path / "data"
