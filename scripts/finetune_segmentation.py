@@ -16,7 +16,8 @@ and labels get the runs' own preprocessing (orientation RAS, ``pixdim``, HU wind
 the body, pad; labels resampled with nearest neighbour), checked to equal the pretraining
 preprocessing of the image. The last ``--test`` volumes (sorted by id) are a fixed test set;
 for each seed, ``n`` training volumes (``--labelled``, default 1 3 6) are drawn from the
-others, the same volumes for every variant. Each variant ("scratch" and one per ``--run``)
+others by :func:`byol3d.evaluation.stats.labelled_sets` (distinct sets for distinct seeds, the
+same as ``byol3d evaluate --segmentation`` draws), the same volumes for every variant. Each variant ("scratch" and one per ``--run``)
 builds ``FlexibleUNet(backbone=<run's encoder>)`` after ``torch.manual_seed(seed)``, loads the
 encoder with ``byol3d.load_into_flexible_unet`` (not for scratch), and trains all weights for
 ``--iterations`` Adam steps on random ``--crop`` crops (batch ``--batch``) with ``DiceCELoss``;
@@ -55,7 +56,7 @@ from byol3d.data.discovery import segmentation_pairs
 from byol3d.data.synthetic_ct import LABEL_NAMES
 from byol3d.errors import Byol3dError, DataError
 from byol3d.evaluation.features import LoadedEncoder
-from byol3d.evaluation.stats import dice_per_label, paired_difference
+from byol3d.evaluation.stats import dice_per_label, labelled_sets, paired_difference
 from byol3d.transforms import build_eval_transform
 
 DECODER = (64, 32, 16, 16, 8)  # a small decoder: the encoder carries most of the capacity
@@ -318,12 +319,10 @@ def main(argv=None) -> int:
     variants = ([] if args.no_scratch else ["scratch"]) + list(runs)
     args.output.mkdir(parents=True, exist_ok=True)
     records, curves = [], []
+    sets = {n: labelled_sets(range(n_pool), n, args.seeds) for n in args.labelled}
     for seed in range(args.seeds):
-        order = torch.randperm(
-            n_pool, generator=torch.Generator().manual_seed(1000 + seed)
-        ).tolist()
         for n in args.labelled:
-            train_vols = [volume(i) for i in order[:n]]
+            train_vols = [volume(i) for i in sets[n][seed]]
             for v in variants:
                 t0 = time.perf_counter()
                 dice, curve = train_and_test(v, runs.get(v), train_vols, test, ref, args, seed)

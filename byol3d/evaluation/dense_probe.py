@@ -62,7 +62,7 @@ from byol3d.data.discovery import segmentation_pairs
 from byol3d.data.readers import as_tensor
 from byol3d.errors import DataError
 from byol3d.evaluation.features import LoadedEncoder, load_encoder, random_encoder
-from byol3d.evaluation.stats import dice_per_label, paired_difference
+from byol3d.evaluation.stats import dice_per_label, labelled_sets, paired_difference
 from byol3d.models.correspondence import feature_stride, upsample_to_voxels
 from byol3d.models.encoders import layer_outputs
 from byol3d.transforms import build_eval_transform
@@ -235,8 +235,7 @@ def _probe_scores(feats, pool, test, labelled, seeds, per_class, n_classes):
         samples[i] = (_features_at(feats[i], idx), feats[i].label.reshape(-1)[idx], w)
     out = {}
     for n in labelled:
-        for seed in range(seeds):
-            chosen = _choose(pool, n, seed)
+        for seed, chosen in enumerate(labelled_sets(pool, n, seeds)):
             x = torch.cat([samples[i][0] for i in chosen])
             y = torch.cat([samples[i][1] for i in chosen])
             w = torch.cat([samples[i][2] for i in chosen])
@@ -247,12 +246,6 @@ def _probe_scores(feats, pool, test, labelled, seeds, per_class, n_classes):
             )  # fmt: skip
             out[(n, seed)] = dice
     return out
-
-
-def _choose(pool: Sequence[int], n: int, seed: int) -> list[int]:
-    """The labelled volumes of seed ``seed``: the same for every encoder (paired)."""
-    rng = np.random.default_rng([seed, n])
-    return sorted(int(i) for i in rng.choice(list(pool), size=n, replace=False))
 
 
 def dense_probe_run(

@@ -6,9 +6,9 @@ labelled volumes for each seed, so the per-seed differences are paired: their me
 95% confidence interval (Student's t with ``n - 1`` degrees of freedom) say whether the
 pretrained encoder is ahead by more than the seed-to-seed variation.
 
->>> s = paired_difference([0.60, 0.55, 0.62], [0.50, 0.52, 0.55])
+>>> s = paired_difference([0.60, 0.55, 0.62], [0.52, 0.48, 0.55])
 >>> round(s.mean_difference, 3), s.n
-(0.067, 3)
+(0.073, 3)
 >>> s.excludes_zero
 True
 """
@@ -108,6 +108,38 @@ def paired_difference(
         ci_high=high,
         confidence=confidence,
     )
+
+
+def labelled_sets(pool: Sequence[int], n: int, seeds: int) -> list[list[int]]:
+    """The labelled training sets of ``seeds`` paired draws of ``n`` volumes from ``pool``.
+
+    Every protocol (dense probe, fine-tuning) uses these, so seed ``s`` trains on the same
+    volumes everywhere. Sets are taken as consecutive, disjoint chunks of one seeded
+    permutation of ``pool`` while the pool lasts, then of further permutations, and a set
+    equal to an earlier one is drawn again (as long as ``pool`` holds that many distinct
+    sets): two seeds training on the same volumes would count one pair twice and narrow the
+    confidence interval without new evidence.
+
+    >>> labelled_sets(range(10), 3, 3)
+    [[4, 6, 7], [1, 5, 9], [0, 2, 3]]
+
+    Raises:
+        ValueError: ``n`` outside ``1..len(pool)`` or ``seeds < 1``.
+    """
+    pool = [int(i) for i in pool]
+    if not 1 <= n <= len(pool) or seeds < 1:
+        raise ValueError(f"cannot draw {seeds} sets of {n} volumes from a pool of {len(pool)}")
+    rng = np.random.default_rng([n, len(pool)])
+    distinct = math.comb(len(pool), n)
+    sets: list[list[int]] = []
+    order: list[int] = []
+    while len(sets) < seeds:
+        if len(order) < n:
+            order = [pool[i] for i in rng.permutation(len(pool))]
+        chosen, order = sorted(order[:n]), order[n:]
+        if chosen not in sets or len(sets) >= distinct:
+            sets.append(chosen)
+    return sets
 
 
 def dice_per_label(pred: torch.Tensor, truth: torch.Tensor, n_labels: int) -> np.ndarray:

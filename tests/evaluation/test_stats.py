@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from byol3d.evaluation.stats import dice_per_label, paired_difference
+from byol3d.evaluation.stats import dice_per_label, labelled_sets, paired_difference
 
 
 def test_paired_interval_matches_the_t_formula():
@@ -47,3 +47,23 @@ def test_dice_counts_overlap_and_skips_absent_labels():
     dice = dice_per_label(pred, truth, n_labels=4)
     assert dice[0] == pytest.approx(2 * 2 / 5) and dice[1] == pytest.approx(2 * 1 / 4)
     assert math.isnan(dice[2])
+
+
+def test_labelled_sets_are_disjoint_while_the_pool_lasts_then_distinct():
+    sets = labelled_sets(range(18), 3, 5)
+    flat = [i for s in sets for i in s]
+    assert all(len(s) == 3 and s == sorted(s) for s in sets)
+    assert len(set(flat)) == 15 and set(flat) <= set(range(18))  # 5 x 3 <= 18: disjoint
+    assert sets == labelled_sets(range(18), 3, 5)  # the same draws for every protocol
+    more = labelled_sets(range(18), 6, 5)  # 30 > 18 volumes: overlapping, never identical
+    assert len({tuple(s) for s in more}) == 5
+    ones = labelled_sets(range(4), 1, 6)  # only 4 distinct sets: repeats only past that
+    assert sorted(map(tuple, ones[:4])) == [(0,), (1,), (2,), (3,)] and len(ones) == 6
+    assert labelled_sets([7, 9], 2, 2) == [[7, 9], [7, 9]]
+
+
+def test_labelled_sets_refuse_impossible_draws():
+    with pytest.raises(ValueError, match="pool of 3"):
+        labelled_sets(range(3), 4, 1)
+    with pytest.raises(ValueError):
+        labelled_sets(range(3), 1, 0)
