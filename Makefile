@@ -39,7 +39,7 @@ demo: demo-data
 		--random-inits 2 --test 4 --voxels-per-class 500
 
 # The transfer study: a 200-phantom pretraining pool, global and global+dense runs, frozen
-# dense probe and FlexibleUNet fine-tuning at 1, 3 and 6 labelled volumes against random
+# dense probe (both runs) and FlexibleUNet fine-tuning (global vs scratch) at 1, 3 and 6 labelled volumes against random
 # init, paired over 5 seeds (3 for fine-tuning); tables go to docs/evaluation.md (about 90 minutes
 # on 2 cores). Its own data: runs/study/pool and runs/study/eval.
 study: install

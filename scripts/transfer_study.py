@@ -15,8 +15,10 @@ Steps (each resumable: a rerun skips what is done):
    (``model.dense_weight=1``), ``--epochs`` epochs each, plus any ``--set KEY=VALUE``.
 3. Frozen dense probe (:mod:`byol3d.evaluation.dense_probe`) of both runs and of
    ``--random-inits`` random inits at ``--labelled`` labelled volumes, ``--seeds`` draws.
-4. FlexibleUNet fine-tuning (``scripts/finetune_segmentation.py``): scratch, global,
-   global+dense at the same labelled counts and seeds, ``--ft-iterations`` steps.
+4. FlexibleUNet fine-tuning (``scripts/finetune_segmentation.py``, its recipe: a pretrained
+   encoder at 0.1x the learning rate, cosine decay): scratch and global (and global+dense
+   with ``--ft-dense``) at the same labelled counts and labelled sets, ``--ft-iterations``
+   steps.
 5. Global linear probe and kNN (``byol3d evaluate --csv``) when the evaluation set has class
    labels.
 6. ``OUTPUT/study.md`` (every table, with the commands) and ``OUTPUT/study.png``; with
@@ -104,13 +106,14 @@ def run(args) -> str:
         others={"global+dense": runs["global+dense"]},
     )  # fmt: skip
     t_probe = time.perf_counter()
-    n_ft = len(args.labelled) * (args.ft_seeds or args.seeds) * 3
+    n_ft = len(args.labelled) * (args.ft_seeds or args.seeds) * (3 if args.ft_dense else 2)
     _log(f"dense probe done in {t_probe - t_pre:.0f} s; fine-tuning next: {n_ft} trainings of "
          f"{args.ft_iterations} iterations")  # fmt: skip
 
     ft_dir = args.output / "finetune"
     ft_args = ["--data", str(evald), "--output", str(ft_dir), "--run", f"global={runs['global']}",
-               "--run", f"global+dense={runs['global+dense']}", "--labelled", *map(str, args.labelled),
+               *(["--run", f"global+dense={runs['global+dense']}"] if args.ft_dense else []),
+               "--labelled", *map(str, args.labelled),
                "--seeds", str(args.ft_seeds or args.seeds), "--test", str(args.test),
                "--iterations", str(args.ft_iterations)]  # fmt: skip
     if not (ft_dir / "summary.md").exists():
@@ -223,7 +226,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--random-inits", type=int, default=3)
     p.add_argument("--test", type=int, default=6, help="held-out evaluation volumes")
-    p.add_argument("--ft-iterations", type=int, default=200, help="fine-tuning steps (dice_curve.png shows the plateau)")  # fmt: skip
+    p.add_argument("--ft-iterations", type=int, default=300, help="fine-tuning steps (dice_curve.png shows the plateau)")  # fmt: skip
+    p.add_argument("--ft-dense", action="store_true", help="also fine-tune the global+dense run (a third of the fine-tuning time more)")  # fmt: skip
     p.add_argument("--ft-seeds", type=int, default=None, help="fine-tuning seeds (default --seeds)")
     p.add_argument("--doc", type=Path, default=None, help="also write the study section into this markdown file")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="smoke test: 12+10 phantoms, 1 epoch, 2 seeds, 5 fine-tuning steps")  # fmt: skip
