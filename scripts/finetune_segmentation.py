@@ -158,11 +158,16 @@ def paired_table(records: list[dict], labelled, variants) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(out: Path, records: list[dict], labelled, variants) -> str:
+def write_results(out: Path, records: list[dict]) -> None:
+    """``results.csv``: one row per training so far (rewritten after each, so a cut-off run keeps them)."""
     with open(out / "results.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(records[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows(records)
+
+
+def write_outputs(out: Path, records: list[dict], labelled, variants) -> str:
+    write_results(out, records)
     summary, lines = [], ["| variant | " + " | ".join(f"{n} labelled" for n in labelled) + " |",
                           "|---|" + "---|" * len(labelled)]  # fmt: skip
     for v in variants:
@@ -335,6 +340,7 @@ def main(argv=None) -> int:
                 }
                 rec.update({LABEL_NAMES.get(c + 1, f"label_{c + 1}"): float(d) for c, d in enumerate(dice)})  # fmt: skip
                 records.append(rec)
+                write_results(args.output, records)
                 print(f"seed {seed} n={n} {v}: mean Dice {rec['mean_dice']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
     table = write_outputs(args.output, records, args.labelled, variants)
     write_curve(args.output, curves, variants)
