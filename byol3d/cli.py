@@ -252,13 +252,7 @@ def _rank_pretrain(_local_rank: int, cfg: dict, allow_config_change: bool, quiet
 
 
 def _report(result) -> None:
-    print(
-        f"byol3d: trained {result.epochs} epochs ({result.iterations} iterations) in {result.output_dir}"
-    )
-    print(f"  encoder:     {result.encoder_path}")
-    latest = result.checkpoint.name if result.checkpoint else "none"
-    print(f"  checkpoints: {result.output_dir / 'checkpoints'} (latest: {latest})")
-    print(f"  metrics:     {result.metrics_path}, {result.output_dir / 'epochs.csv'}")
+    print(result.summary)
 
 
 def _preview(args: argparse.Namespace) -> None:

@@ -292,6 +292,9 @@ def _validate_geometry(flat: Mapping[str, Any]) -> None:
         raise _fail(
             "transforms.hu_window", flat["transforms.hu_window"], "[low, high] with low < high"
         )
+    lo, hi = _numbers("transforms.percentiles", flat["transforms.percentiles"], 2)
+    if not 0 <= lo < hi <= 100:
+        raise _fail("transforms.percentiles", flat["transforms.percentiles"], "[low, high] with 0 <= low < high <= 100")  # fmt: skip
 
 
 def _validate_2d(flat: Mapping[str, Any]) -> None:

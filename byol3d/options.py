@@ -109,14 +109,31 @@ OPTIONS: dict[str, Option] = {
     "transforms.pixdim": Option(
         None, (list, type(None)), "3D: resample to this voxel spacing in mm (null: keep the file's)"
     ),
+    "transforms.intensity": Option(
+        "ct_window",
+        (str,),
+        "3D: intensity rule per volume: ct_window maps hu_window to [0, 1] (CT); percentile clips to the foreground percentiles, then [0, 1]; zscore subtracts the foreground mean and divides by its std (MR, as nnU-Net)",
+        ("ct_window", "percentile", "zscore"),
+    ),
     "transforms.hu_window": Option(
-        [-1000.0, 1000.0], (list,), "3D: HU range mapped to [0, 1], values outside clipped"
+        [-1000.0, 1000.0],
+        (list,),
+        "3D: HU range mapped to [0, 1], values outside clipped (ct_window)",
+    ),
+    "transforms.percentiles": Option(
+        [0.5, 99.5], (list,), "3D: foreground percentiles [low, high] the percentile rule clips to"
+    ),
+    "transforms.foreground": Option(
+        "auto",
+        (str,),
+        "3D: foreground voxels (statistics, crop, empty check): hu = above foreground_hu; otsu = above Otsu's threshold; nonzero = not 0 (skull-stripped MR); auto = hu for ct_window, else otsu",
+        ("auto", "hu", "otsu", "nonzero"),
     ),
     "transforms.crop_foreground": Option(
-        True, (bool,), "3D: crop to the bounding box of voxels above foreground_hu"
+        True, (bool,), "3D: crop to the bounding box of the foreground"
     ),
     "transforms.foreground_hu": Option(
-        -500.0, _num, "3D: HU threshold of the body for the foreground crop"
+        -500.0, _num, "3D: HU threshold of the body (foreground hu, the default for CT)"
     ),
     "transforms.scale": Option(
         [0.2, 1.0],

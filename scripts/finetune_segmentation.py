@@ -12,7 +12,7 @@ Protocol. ``--data`` holds image / label-map pairs as ``byol3d evaluate --segmen
 them (:func:`byol3d.data.discovery.segmentation_pairs`: a ``classes.csv`` whose
 ``segmentation`` column names a label volume per image, as ``byol3d demo-data`` writes with
 labels 0..7, or ``images/`` + ``labels/``, or ``imagesTr/`` + ``labelsTr/``). Images
-and labels get the runs' own preprocessing (orientation RAS, ``pixdim``, HU window, crop to
+and labels get the runs' own preprocessing (orientation RAS, ``pixdim``, intensity rule, crop to
 the body, pad; labels resampled with nearest neighbour), checked to equal the pretraining
 preprocessing of the image. The last ``--test`` volumes (sorted by id) are a fixed test set;
 for each seed, ``n`` training volumes (``--labelled``, default 1 3 6) are drawn from the
@@ -283,16 +283,8 @@ def main(argv=None) -> int:
         encs = {name: byol3d.load_encoder(path) for name, path in runs.items()}
         ref = next(iter(encs.values()))
         for name, enc in encs.items():
-            same = (
-                enc.name,
-                enc.roi_size,
-                enc.pixdim,
-                enc.hu_window,
-                enc.foreground_hu,
-                enc.crop_foreground,
-            )
-            if same != (ref.name, ref.roi_size, ref.pixdim, ref.hu_window, ref.foreground_hu, ref.crop_foreground):  # fmt: skip
-                raise DataError(f"run {name!r} differs from the first run in encoder or preprocessing: {same}")  # fmt: skip
+            if (enc.name, enc.preprocessing) != (ref.name, ref.preprocessing):
+                raise DataError(f"run {name!r} differs from the first run in encoder or preprocessing: {enc.name} {enc.preprocessing}")  # fmt: skip
         if args.crop % 32 or args.infer_roi % 32:
             raise DataError(f"--crop {args.crop} and --infer-roi {args.infer_roi} must be multiples of 32 (FlexibleUNet)")  # fmt: skip
         pairs = segmentation_pairs(args.data)

@@ -52,3 +52,13 @@ def _write_slices(image: sitk.Image, folder: Path, uid: str, suffix: str) -> Pat
 def write_dicom_series():
     """``write_dicom_series(image, folder, uid, suffix=".dcm") -> folder``."""
     return _write_dicom_series
+
+
+@pytest.fixture(autouse=True)
+def _fresh_file_notes():
+    """Once-per-file warnings start afresh in every test (they are counted per process)."""
+    from byol3d.data.sanity import forget_notes
+
+    forget_notes()
+    yield
+    forget_notes()

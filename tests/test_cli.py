@@ -94,3 +94,25 @@ def test_error_from_a_dataloader_worker_is_one_line(tmp_path, capsys):
     assert code == 2
     assert err[-1].startswith("byol3d: error: ") and "ct_1.nii.gz" in err[-1]
     assert not any("Traceback" in line for line in err)
+
+
+def test_run_without_validation_prints_no_val_loss_and_one_summary(tmp_path, capsys):
+    from byol3d.data.synthetic_ct import write_demo_dataset
+
+    write_demo_dataset(tmp_path / "data", n=2, shape=(40, 40, 32), spacing=(8.0, 8.0, 10.0))
+    code = main(
+        [
+            "pretrain", "configs/demo_ct.yaml", f"data.root={tmp_path / 'data' / 'images'}",
+            f"output_dir={tmp_path / 'run'}", "data.val_fraction=0", "data.cache=none",
+            "data.num_workers=0", "train.max_epochs=1", "train.batch_size=2",
+            "train.progress=false", "train.tensorboard=false", "model.hidden_dim=16",
+            "model.projection_dim=8", "transforms.roi_size=[32,32,32]", "transforms.pixdim=null",
+        ]
+    )  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0
+    epoch_lines = [line for line in err.splitlines() if line.startswith("byol3d: epoch 1:")]
+    assert len(epoch_lines) == 1 and "val" not in epoch_lines[0]
+    assert out.count("byol3d: run ") == 1 and "byol3d: run " not in err  # one summary, once
+    assert "loss:        train " in out and ", validation" not in out and "nan" not in out
+    assert f"encoder:     {tmp_path / 'run' / 'encoder.pt'}" in out

@@ -39,6 +39,7 @@ from monai.data.utils import orientation_ras_lps
 from monai.transforms import LoadImaged, MapTransform
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
+from byol3d.data.sanity import SOURCE_DTYPE, note_file
 from byol3d.errors import DataError
 
 logger = logging.getLogger("byol3d")
@@ -183,6 +184,7 @@ class SimpleITKReader(ImageReader):
             ) or not np.array_equal(meta[MetaKeys.SPATIAL_SHAPE], header[MetaKeys.SPATIAL_SHAPE]):
                 raise DataError("images stacked as channels must share their shape and affine")
             arrays.append(array)
+        meta[SOURCE_DTYPE] = np.result_type(*arrays).name
         if len(arrays) == 1:
             return arrays[0], meta
         if np.isnan(float(meta[MetaKeys.ORIGINAL_CHANNEL_DIM])):
@@ -238,11 +240,13 @@ class _NibabelReader(NibabelReader):
 
     def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
         try:  # the voxels are read lazily here: a truncated .nii.gz fails now, not in read()
-            return super().get_data(img)
+            array, meta = super().get_data(img)
         except Exception as err:
             # name the file from the image: self.filenames may be another thread's (CacheDataset)
             first = img[0] if isinstance(img, (list, tuple)) else img
             raise DataError(f"cannot read image {first.get_filename()}: {_one_line(err)}") from err
+        meta[SOURCE_DTYPE] = array.dtype.name  # after the header's scl_slope/scl_inter
+        return array, meta
 
 
 def _first(names: Sequence[PathLike] | PathLike) -> str:
@@ -332,7 +336,7 @@ class ValidateImaged(MapTransform):
     Expects channel-first images (after ``EnsureChannelFirstd``). Raises when the channel
     count is not ``in_channels`` (e.g. a 4D series with 5 time points), when the number of
     spatial dimensions is not ``spatial_dims`` (e.g. a 2D image in a 3D run), or when the
-    image holds NaN or Inf. Logs a warning, and passes the image on, when it is constant.
+    image holds NaN or Inf. Warns (once per file) that a constant image is used anyway.
 
     Args:
         keys: keys of the images to check.
@@ -371,9 +375,10 @@ class ValidateImaged(MapTransform):
             if values.is_floating_point() and not bool(torch.isfinite(values).all()):
                 raise DataError(f"{name}: the image contains NaN or Inf values")
             if values.numel() and bool(values.min() == values.max()):
-                logger.warning(
-                    "%s is constant (every voxel %g): its views carry no signal",
+                note_file(
+                    "constant volumes",
                     name,
-                    float(values.min()),
+                    f"{name} is constant (every voxel {float(values.min()):g}): it is used "
+                    "anyway, but its views carry no signal",
                 )
         return d

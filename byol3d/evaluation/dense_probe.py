@@ -329,8 +329,7 @@ def dense_probe_run(
 
 
 def _signature(enc: LoadedEncoder) -> tuple:
-    return (enc.name, enc.in_channels, enc.roi_size, enc.hu_window, enc.pixdim,
-            enc.crop_foreground, enc.foreground_hu)  # fmt: skip
+    return (enc.name, tuple(sorted((k, str(v)) for k, v in enc.preprocessing.items())))
 
 
 def _load_pairs(

@@ -33,9 +33,11 @@ import yaml
 from monai.networks.nets.resnet import ResNetFeatures, resnet_params
 from torch import nn
 
+from byol3d.config import default_config
 from byol3d.errors import CheckpointError
 from byol3d.models.encoders import build_encoder
 from byol3d.rundir import atomic_save, latest_checkpoint, load_checkpoint
+from byol3d.transforms import PREPROCESS_KEYS
 
 EXPORT_TARGETS = ("flexible-unet", "resnet")
 
@@ -364,9 +366,9 @@ def export_encoder(
         "load": code.replace("FILE", repr(str(output))),
     }
     if config:
+        defaults = default_config()["transforms"]  # a run from before a key existed: its default
         sidecar["preprocessing"] = {
-            k: config.get("transforms", {}).get(k)
-            for k in ("roi_size", "pixdim", "hu_window", "crop_foreground", "foreground_hu")
+            k: config.get("transforms", {}).get(k, defaults[k]) for k in PREPROCESS_KEYS
         }
     Path(f"{output}.json").write_text(json.dumps(sidecar, indent=2) + "\n")
     return LoadReport(n, len(module.state_dict()), path, arch)

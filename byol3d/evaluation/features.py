@@ -17,8 +17,8 @@ layer. In Python:
     (1, 2048)
 
 Every image goes through the run's deterministic preprocessing
-(:func:`byol3d.transforms.build_eval_transform`: orientation, spacing, HU window, foreground
-crop, padding to the crop size; for 2D frames also the views' normalisation). The network then sees it in windows of the pretraining crop size
+(:func:`byol3d.transforms.build_eval_transform`: orientation, spacing, the intensity rule (HU
+window, percentiles or z-score), foreground crop, padding to the crop size; for 2D frames also the views' normalisation). The network then sees it in windows of the pretraining crop size
 (``monai.inferers.sliding_window_inference``, so a 512 x 512 x 300 scan costs no more memory
 than one crop); the embedding is the global average of the stitched ``layer4`` map, i.e. the
 encoder's own ``avgpool`` output when the image is one crop.
@@ -45,7 +45,7 @@ from byol3d.data.readers import as_tensor
 from byol3d.errors import CheckpointError, DataError
 from byol3d.evaluation.export import check_state, read_encoder_state
 from byol3d.models.encoders import build_encoder, layer_outputs
-from byol3d.transforms import build_eval_transform
+from byol3d.transforms import PREPROCESS_KEYS, build_eval_transform
 
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
 
@@ -57,8 +57,11 @@ class LoadedEncoder:
     Attributes:
         encoder: the MONAI ResNet (``forward`` returns the ``avgpool`` embedding).
         name, spatial_dims, in_channels, norm: its architecture (``model.encoder``, ...).
-        roi_size, hu_window, pixdim, crop_foreground, foreground_hu: the run's preprocessing
-            (``transforms.*``); ``pixdim`` None means the files' own spacing was kept.
+        roi_size, hu_window, pixdim, crop_foreground, foreground_hu, intensity, percentiles,
+            foreground: the run's preprocessing (``transforms.*``, as in
+            :data:`byol3d.transforms.PREPROCESS_KEYS`); ``pixdim`` None means the files' own
+            spacing was kept; ``intensity`` is the normalisation rule (``ct_window``,
+            ``percentile`` or ``zscore``, a run from before the rule existed: ``ct_window``).
         config: the run's whole nested config; ``source``: the weight file read.
     """
 
@@ -74,6 +77,16 @@ class LoadedEncoder:
     foreground_hu: float
     config: dict[str, Any] = field(repr=False)
     source: Path | None = None
+    intensity: str = "ct_window"
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    foreground: str = "auto"
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """The run's :data:`~byol3d.transforms.PREPROCESS_KEYS` and channel count: two encoders
+        whose dicts are equal see identically prepared input."""
+        tf = self.config["transforms"]
+        return {"in_channels": self.in_channels, **{k: tf[k] for k in PREPROCESS_KEYS}}
 
     @property
     def preprocess(self):
@@ -145,6 +158,9 @@ def load_encoder(source: str | Path, device: str | torch.device = "cpu") -> Load
         foreground_hu=float(tf["foreground_hu"]),
         config=cfg,
         source=path,
+        intensity=str(tf["intensity"]),
+        percentiles=tuple(float(p) for p in tf["percentiles"]),
+        foreground=str(tf["foreground"]),
     )
 
 

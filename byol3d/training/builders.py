@@ -322,11 +322,37 @@ def attach_logging(
             lambda e: views_to_tensorboard(writer, cfg, e),
         )
     if progress and is_main():
-        trainer.add_event_handler(
-            Events.STARTED, lambda e: e.state.metrics.setdefault("loss", float("nan"))
-        )
-        ProgressBar(persist=True).attach(trainer, metric_names=["loss"])
+        attach_progress_bar(trainer)
     return writer
+
+
+class _BarLoss:
+    """Puts the latest flushed loss on the progress bar (none until the first flush).
+
+    The loss reaches ``engine.state.metrics`` only when :class:`MetricsLogger` flushes (every
+    ``log_every`` iterations and at the epoch's end, the only host syncs): a bar reading the
+    metric itself showed a placeholder NaN until then, and ended each epoch on the value from
+    before the epoch's last flush.
+    """
+
+    def __init__(self, bar: ProgressBar) -> None:
+        self.bar = bar
+
+    def __call__(self, engine: Engine) -> None:
+        loss = engine.state.metrics.get("loss")
+        if self.bar.pbar is not None and loss is not None:
+            self.bar.pbar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+
+
+def attach_progress_bar(trainer: Engine) -> ProgressBar:
+    """A tqdm bar per epoch showing the loss as last flushed by the metrics logger."""
+    bar = ProgressBar(persist=True)
+    show = _BarLoss(bar)
+    # before the bar's own handlers: the epoch's final flush is shown before the bar closes
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, show)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, show)
+    bar.attach(trainer)
+    return bar
 
 
 def attach_evaluation(

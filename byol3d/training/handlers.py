@@ -76,15 +76,16 @@ def views_to_tensorboard(writer, cfg: Mapping[str, Any], engine: Engine) -> None
         logger.warning("no view preview for TensorBoard: %s", err)
 
 
-def plot_and_summarize(out: Path) -> None:
-    """training.png and summary.json at the end of a run; a picture never fails the run."""
+def plot_and_summarize(out: Path) -> str | None:
+    """training.png and summary.json at the end of a run; returns the summary's terminal text
+    (None when it cannot be made). A picture never fails the run."""
 
     try:
         png = plot_training(out)
-        text = format_summary(summarize_run(out)).removeprefix("byol3d: ")  # the logger adds it
-        logger.info("%s\n  plot:        %s", text, png)
+        return f"{format_summary(summarize_run(out))}\n  plot:        {png}"
     except Exception as err:  # noqa: BLE001 - e.g. a finished run that logged nothing new
         logger.warning("no training plot: %s", err)
+        return None
 
 
 def attach_epoch_log(
@@ -99,7 +100,10 @@ def attach_epoch_log(
     writer,
     knn: bool = False,
 ) -> None:
-    """Per epoch: mean training loss, validation loss (fixed augmentations), wall time -> epochs.csv."""
+    """Per epoch: mean training loss, validation loss (fixed augmentations), wall time -> epochs.csv.
+
+    Without a validation set (``data.val_fraction: 0``) the epoch line and TensorBoard carry no
+    validation loss, and its ``epochs.csv`` column is NaN."""
     evaluator = (
         create_evaluator(model, device=device, amp_dtype=amp_dtype)
         if val_loader is not None
@@ -146,13 +150,11 @@ def attach_epoch_log(
         engine.state.metrics.update({"train_loss": train_loss, "val_loss": val_loss})
         if writer is not None:
             writer.add_scalar("epoch/train_loss", train_loss, engine.state.iteration)
-            writer.add_scalar("epoch/val_loss", val_loss, engine.state.iteration)
+            if evaluator is not None:
+                writer.add_scalar("epoch/val_loss", val_loss, engine.state.iteration)
+        val_text = f", val loss {val_loss:.4f}" if evaluator is not None else ""
         logger.info(
-            "epoch %d: train loss %.4f, val loss %.4f, %.1f s",
-            engine.state.epoch,
-            train_loss,
-            val_loss,
-            seconds,
+            "epoch %d: train loss %.4f%s, %.1f s", engine.state.epoch, train_loss, val_text, seconds
         )
 
     trainer.add_event_handler(Events.EPOCH_COMPLETED, log_epoch)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from byol3d.config import dump_config
+from byol3d.data.sanity import forget_notes, report_noted
 from byol3d.rundir import latest_checkpoint, save_encoder
 from byol3d.training.accel import resolve_channels_last
 from byol3d.training.builders import (
@@ -67,6 +68,7 @@ class RunResult:
     epochs: int
     iterations: int
     resumed_from: Path | None
+    summary: str = ""  # the end-of-run summary for the terminal (losses, collapse, paths)
 
 
 def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunResult:
@@ -81,6 +83,7 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
     data, model_cfg, train = cfg["data"], cfg["model"], cfg["train"]
     out, roi, seed = Path(cfg["output_dir"]), list(cfg["transforms"]["roi_size"]), cfg["seed"]
     resume_from, checkpoint = open_run(cfg, out, allow_config_change)
+    forget_notes()  # the data warnings of this run: once per file, then counted
     # transforms, then the model, then the files: the cheap checks fail first (a bad layer
     # name or crop size fails in seconds, not after caching)
     preprocess, train_views = build_transforms(cfg)
@@ -103,6 +106,7 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         cache_dir=data["cache_dir"] or str(out / "cache"), batch_size=train["batch_size"],
         device=device, seed=seed, progress=train["progress"],
     )  # fmt: skip
+    report_noted()  # files read so far (all of them with a RAM cache or on_bad_file: skip)
     optimizer, lr_scheduler, schedule = build_optimization(
         model, steps_per_epoch=steps_per_epoch(train_loader, train["accumulate_steps"]),
         **{k: train[k] for k in ("optimizer", "lr", "min_lr", "weight_decay", "momentum",
@@ -139,10 +143,16 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         writer.close()
     if world_size() > 1:
         check_ranks_agree(model)
+    summary = None
     if is_main():
         save_encoder(unwrap(model).encoder, out / "encoder.pt")
-        plot_and_summarize(out)
+        summary = plot_and_summarize(out)
+    latest = latest_checkpoint(out)
+    if summary is None:  # no plot: the paths at least
+        summary = (f"byol3d: trained {trainer.state.epoch} epochs ({trainer.state.iteration} iterations) in {out}\n"
+                   f"  encoder:     {out / 'encoder.pt'}\n  checkpoint:  {latest or 'none'}\n"
+                   f"  metrics:     {out / 'metrics.csv'}, {out / 'epochs.csv'}")  # fmt: skip
     return RunResult(output_dir=out, encoder_path=out / "encoder.pt",
-                     checkpoint=latest_checkpoint(out), metrics_path=out / "metrics.csv",
+                     checkpoint=latest, metrics_path=out / "metrics.csv",
                      epochs=trainer.state.epoch, iterations=trainer.state.iteration,
-                     resumed_from=resume_from)  # fmt: skip
+                     resumed_from=resume_from, summary=summary)  # fmt: skip

@@ -29,16 +29,23 @@ from byol3d.transforms.frames import (
     frame_network_input,
 )
 
-__all__ = ["build_eval_transform", "build_transforms", "config_mean_std"]
+__all__ = ["PREPROCESS_KEYS", "build_eval_transform", "build_transforms", "config_mean_std"]
 
-_PREPROCESS_KEYS = ("roi_size", "hu_window", "pixdim", "crop_foreground", "foreground_hu")
+#: The ``transforms.*`` keys of the deterministic 3D preprocessing: what a run's encoder needs
+#: its input prepared with (reported by export, compared by evaluation and fine-tuning).
+PREPROCESS_KEYS = (
+    "roi_size", "hu_window", "pixdim", "crop_foreground", "foreground_hu",
+    "intensity", "percentiles", "foreground",
+)  # fmt: skip
+_PREPROCESS_KEYS = PREPROCESS_KEYS
 
 
 def build_transforms(cfg: Mapping[str, Any]):
     """The config's deterministic preprocessing and (freshly constructed) two-view transforms.
 
-    ``transforms.roi_size/hu_window/pixdim/crop_foreground/foreground_hu`` and
-    ``data.in_channels`` go to :func:`byol3d.transforms.ct_preprocess`; ``roi_size`` and the
+    The :data:`PREPROCESS_KEYS` (``transforms.roi_size/hu_window/pixdim/crop_foreground/
+    foreground_hu/intensity/percentiles/foreground``) and ``data.in_channels`` go to
+    :func:`byol3d.transforms.ct_preprocess`; ``roi_size`` and the
     other ``transforms.*`` keys to :func:`byol3d.transforms.view_transforms`.
 
     Raises:
@@ -72,8 +79,8 @@ def build_eval_transform(cfg: Mapping[str, Any], label_key: str | None = None) -
 
     ``{"image": path} -> {"image": (C, *spatial) float32}``: the deterministic preprocessing
     of :func:`build_transforms`, then the deterministic steps every training view ends with
-    (2D: uint8 -> [0, 1] and the ``transforms.mean/std`` normalisation; 3D: none, the HU
-    window already maps to [0, 1]). Evaluation, extraction, export reports and the kNN
+    (2D: uint8 -> [0, 1] and the ``transforms.mean/std`` normalisation; 3D: none, the
+    intensity rule of ``transforms.intensity`` is part of the preprocessing). Evaluation, extraction, export reports and the kNN
     monitor all use it, so they preprocess exactly as training did.
 
     Args:

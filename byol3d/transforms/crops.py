@@ -3,7 +3,8 @@
 BYOL's main augmentation is a random crop of a random size and aspect ratio, resized to a
 fixed shape. :class:`RandResizedCropd` does that for channel-first images of any spatial
 dimension and records each view's crop box (``{key}_box``), so the location in the source
-image of every output voxel is known.
+image of every output voxel is known. :class:`SpatialPadNoted` pads preprocessed volumes
+smaller than the crop size (and says so).
 
 >>> import torch
 >>> from byol3d.transforms.crops import RandResizedCropd
@@ -16,6 +17,7 @@ image of every output voxel is known.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
@@ -24,10 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
-from monai.transforms import MapTransform, Randomizable
+from monai.transforms import MapTransform, Randomizable, SpatialPad, SpatialPadd
 
 from byol3d.checks import check_pair
-from byol3d.data.readers import as_tensor
+from byol3d.data.readers import as_tensor, filename_of
+
+logger = logging.getLogger("byol3d")
 
 
 def check_roi(roi_size: Sequence[int]) -> tuple[int, ...]:
@@ -294,4 +298,37 @@ class ShareItemsd(MapTransform):
         for key in self.key_iterator(d):
             for name in self.names:
                 d[name] = d[key]
+        return d
+
+
+class SpatialPadNoted(SpatialPadd):
+    """``SpatialPadd`` that logs (info) which files were smaller than ``spatial_size``.
+
+    With ``fill_minimum`` the images of ``minimum_keys`` are padded with their own minimum
+    (z-scored volumes, whose background lies below 0) instead of 0.
+    """
+
+    def __init__(self, keys, spatial_size, minimum_keys: Sequence[str] = ()) -> None:
+        super().__init__(keys, spatial_size=spatial_size)
+        self.minimum_keys = tuple(minimum_keys)
+
+    def __call__(self, data, lazy=None):  # noqa: D102
+        small = False
+        for key in self.key_iterator(data):
+            shape = tuple(data[key].shape[1:])
+            size = tuple(self.padder.spatial_size)
+            if any(s < r for s, r in zip(shape, size, strict=True)):
+                small = True
+                logger.info(
+                    "%s (%s after preprocessing) is padded to %s",
+                    filename_of(data[key], key),
+                    shape,
+                    size,
+                )
+        if not small or not self.minimum_keys:
+            return super().__call__(data, lazy=lazy)
+        d = dict(data)
+        for key in self.key_iterator(d):
+            value = float(d[key].min()) if key in self.minimum_keys else 0.0
+            d[key] = SpatialPad(self.padder.spatial_size, value=value)(d[key])
         return d

@@ -3,8 +3,10 @@
 The data pipeline is split where caching stops (MONAI caches everything before the first
 random transform):
 
-- :func:`ct_preprocess` - load, validate, reorient to RAS, resample, window the HU range to
-  [0, 1], crop the air, pad to ``roi_size``. Deterministic, so its output can be cached.
+- :func:`ct_preprocess` - load, validate, reorient to RAS, resample, normalise the
+  intensities (the CT window to [0, 1], or foreground percentiles or z-scores for MR:
+  :mod:`byol3d.transforms.intensity`), crop to the foreground, pad to ``roi_size``.
+  Deterministic, so its output can be cached.
 - :func:`view_transforms` - copy the preprocessed image into ``view1`` and ``view2`` and
   augment each with its own random transforms (random resized crop, flips, 90 degree
   rotations, intensity jitter, gamma, blur, noise), as BYOL's two asymmetric views.
@@ -41,15 +43,14 @@ from monai.transforms import (
     RandGaussianSmoothd,
     RandScaleIntensityd,
     RandShiftIntensityd,
-    ScaleIntensityRanged,
     Spacingd,
-    SpatialPadd,
 )
 
 from byol3d.checks import check_pair, non_negative, per_view
-from byol3d.data.readers import ValidateImaged, data_errors_unwrapped, filename_of, image_loader
-from byol3d.transforms.crops import RandResizedCropd, ShareItemsd, check_roi
+from byol3d.data.readers import ValidateImaged, data_errors_unwrapped, image_loader
+from byol3d.transforms.crops import RandResizedCropd, ShareItemsd, SpatialPadNoted, check_roi
 from byol3d.transforms.geometry import RecordedRandFlipd, RecordedRandRotate90d
+from byol3d.transforms.intensity import NormalizeIntensityd, resolve_foreground
 
 logger = logging.getLogger("byol3d")
 
@@ -71,47 +72,9 @@ class PreprocessCompose(Compose):
             return super().__call__(input_, *args, **kwargs)
 
 
-class _AboveThreshold:
-    """Foreground selector for ``CropForegroundd``: ``img > threshold``, or everything if none.
-
-    A plain class rather than a lambda so the pipeline pickles (DataLoader workers, spawn).
-    """
-
-    def __init__(self, threshold: float) -> None:
-        self.threshold = float(threshold)
-
-    def __call__(self, img: Any) -> Any:
-        mask = img > self.threshold
-        if not bool(mask.any()):
-            logger.warning(
-                "%s has no voxel above the foreground threshold: not cropped",
-                filename_of(img, "image"),
-            )
-            return mask | True
-        return mask
-
-    def __repr__(self) -> str:
-        return f"_AboveThreshold({self.threshold})"
-
-
-class _SpatialPadNoted(SpatialPadd):
-    """``SpatialPadd`` that logs (info) which files were smaller than ``spatial_size``."""
-
-    def __call__(self, data, lazy=None):  # noqa: D102
-        for key in self.key_iterator(data):
-            shape = tuple(data[key].shape[1:])
-            size = tuple(self.padder.spatial_size)
-            if any(s < r for s, r in zip(shape, size, strict=True)):
-                logger.info(
-                    "%s (%s after preprocessing) is padded to %s",
-                    filename_of(data[key], key),
-                    shape,
-                    size,
-                )
-        return super().__call__(data, lazy=lazy)
-
-
-def _check_ct_arguments(dims, hu_window, pixdim, crop_foreground, foreground_hu, in_channels):
+def _check_ct_arguments(
+    dims, hu_window, pixdim, crop_foreground, foreground_hu, in_channels, hu_crop
+):
     """:func:`ct_preprocess`'s argument checks; ``(low, high, pixdim as a tuple or None)``."""
     low, high = check_pair("hu_window", hu_window, -math.inf, strict=False)
     if not low < high:
@@ -124,7 +87,7 @@ def _check_ct_arguments(dims, hu_window, pixdim, crop_foreground, foreground_hu,
         if not all(float(p) > 0 for p in pixdim):
             raise ValueError(f"pixdim must be positive spacings in mm, got {pixdim!r}")
         pixdim = tuple(float(p) for p in pixdim)
-    if crop_foreground and not low < foreground_hu < high:
+    if crop_foreground and hu_crop and not low < foreground_hu < high:
         raise ValueError(
             f"foreground_hu must lie inside hu_window {tuple(hu_window)}, got {foreground_hu!r}"
         )
@@ -142,15 +105,20 @@ def ct_preprocess(
     foreground_hu: float = -500.0,
     in_channels: int = 1,
     label_key: str | None = None,
+    intensity: str = "ct_window",
+    percentiles: Sequence[float] = (0.5, 99.5),
+    foreground: str = "auto",
 ) -> PreprocessCompose:
-    """The deterministic (cacheable) part of the CT pipeline: a path in, a tensor out.
+    """The deterministic (cacheable) part of the 3D pipeline: a path in, a tensor out.
 
     Steps: load (:func:`byol3d.data.readers.image_loader`: NIfTI, NRRD, MetaImage, DICOM
     series) -> ``EnsureChannelFirstd`` -> :class:`ValidateImaged` -> ``Orientationd("RAS")``
-    -> ``Spacingd(pixdim)`` if given -> ``ScaleIntensityRanged`` mapping ``hu_window`` to
-    [0, 1] with clipping -> ``CropForegroundd`` on HU > ``foreground_hu`` if
-    ``crop_foreground`` -> ``SpatialPadd(roi_size)`` (smaller volumes are padded with 0,
-    i.e. the bottom of the window; logged at info level) -> float32.
+    -> ``Spacingd(pixdim)`` if given -> :class:`~byol3d.transforms.intensity.NormalizeIntensityd`
+    (``intensity``: the CT window mapping ``hu_window`` to [0, 1] with clipping, foreground
+    percentiles or z-scores; a volume without foreground is an error naming it) ->
+    ``CropForegroundd`` to the foreground's bounding box if ``crop_foreground`` ->
+    ``SpatialPadd(roi_size)`` (smaller volumes are padded with 0, the bottom of the window
+    or percentile range, or with a z-scored volume's minimum; logged at info level) -> float32.
 
     Args:
         keys: the data-dict key(s) holding the image path(s); rows look like
@@ -164,28 +132,36 @@ def ct_preprocess(
             different scans cover comparable anatomy.
         crop_foreground: crop to the bounding box of the body (HU > ``foreground_hu``) so the
             random crops are not wasted on air. Default True.
-        foreground_hu: the HU threshold of the body; default -500 (above lung's about -850,
-            so only the air outside the patient is cut away).
+        foreground_hu: the HU threshold of the body (``foreground`` ``hu``); default -500
+            (above lung's about -850, so only the air outside the patient is cut away).
         in_channels: expected number of channels; a file with another count is an error.
         label_key: also load a label map under this key (e.g. ``"label"`` for rows
             ``{"image": ..., "label": ...}``) and give it the same geometry: reoriented,
             resampled with nearest neighbour, cropped to the image's body box and padded
             with 0, returned as int64. The image path is unchanged by it, so evaluation
             with labels sees exactly the voxels pretraining saw.
+        intensity: ``ct_window`` (default), ``percentile`` or ``zscore``; see
+            :mod:`byol3d.transforms.intensity`.
+        percentiles: ``(low, high)`` foreground percentiles of ``percentile``; default
+            (0.5, 99.5).
+        foreground: ``auto`` (``hu`` for ``ct_window``, else ``otsu``), ``hu``, ``otsu`` or
+            ``nonzero``: the voxels the statistics and the crop use.
 
     Returns:
         A :class:`PreprocessCompose` (a ``monai.transforms.Compose``) whose output ``image``
-        is a float32 ``MetaTensor`` of shape ``(in_channels, *spatial)`` with values in
-        [0, 1]; a file that cannot be used raises :class:`DataError` naming it.
+        is a float32 ``MetaTensor`` of shape ``(in_channels, *spatial)`` (values in [0, 1]
+        except with ``zscore``); a file that cannot be used raises :class:`DataError` naming it.
     """
     roi = check_roi(roi_size)
     dims = len(roi)
-    low, high, pixdim = _check_ct_arguments(dims, hu_window, pixdim, crop_foreground, foreground_hu, in_channels)  # fmt: skip
+    rule = resolve_foreground(intensity, foreground)
+    low, high, pixdim = _check_ct_arguments(dims, hu_window, pixdim, crop_foreground, foreground_hu, in_channels, hu_crop=intensity == "ct_window" and rule == "hu")  # fmt: skip
     key_list = [keys] if isinstance(keys, str) else list(keys)
     if label_key is not None and label_key in key_list:
         raise ValueError(f"label_key {label_key!r} must differ from the image keys {key_list}")
     labels = [label_key] if label_key is not None else []
     geometric = key_list + labels
+    mask_key = "foreground_mask" if crop_foreground else None
 
     transforms: list = [
         image_loader(geometric),
@@ -198,22 +174,33 @@ def ct_preprocess(
         modes = ["bilinear"] * len(key_list) + ["nearest"] * len(labels)
         transforms.append(Spacingd(geometric, pixdim=pixdim, mode=modes, dtype=np.float32))
     transforms.append(
-        ScaleIntensityRanged(key_list, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
+        NormalizeIntensityd(
+            key_list[0],
+            mode=intensity,
+            hu_window=(low, high),
+            percentiles=percentiles,
+            foreground=rule,
+            foreground_hu=foreground_hu,
+            mask_key=mask_key,
+        )  # fmt: skip
     )
+    if len(key_list) > 1:
+        transforms.append(NormalizeIntensityd(key_list[1:], mode=intensity, hu_window=(low, high), percentiles=percentiles, foreground=rule, foreground_hu=foreground_hu))  # fmt: skip
     if crop_foreground:
-        threshold = (float(foreground_hu) - low) / (high - low)
-        transforms.append(
+        transforms += [
             CropForegroundd(
                 geometric,
-                source_key=key_list[0],
-                select_fn=_AboveThreshold(threshold),
+                source_key=mask_key,
                 allow_smaller=True,
                 start_coord_key=None,
                 end_coord_key=None,
-            )
-        )
+            ),  # fmt: skip
+            DeleteItemsd(mask_key),
+        ]
     transforms += [
-        _SpatialPadNoted(geometric, spatial_size=roi),
+        SpatialPadNoted(
+            geometric, spatial_size=roi, minimum_keys=key_list if intensity == "zscore" else ()
+        ),  # fmt: skip
         EnsureTyped(key_list, dtype=torch.float32),
         *([EnsureTyped(labels, dtype=torch.int64)] if labels else []),
     ]
@@ -225,6 +212,9 @@ def ct_preprocess(
         "crop_foreground": bool(crop_foreground),
         "foreground_hu": float(foreground_hu),
         "in_channels": in_channels,
+        "intensity": intensity,
+        "percentiles": [float(p) for p in percentiles],
+        "foreground": rule,
     }
     if label_key is not None:
         config["label_key"] = label_key

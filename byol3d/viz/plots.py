@@ -332,15 +332,18 @@ def format_summary(summary: dict[str, Any]) -> str:
     speed = "" if sps is None else f", {sps:.2f} samples/s (per process)"
     best = s.get("best_val_loss")
     best_text = "" if best is None else f" (best {best:.4f} at epoch {s.get('best_val_epoch')})"
+    val = s.get("final_val_loss")
+    val_text = "" if val is None else f", validation {_num(val)}{best_text}"  # none held out
+    run_dir = Path(s["run_dir"])
     lines = [
         f"byol3d: run {s['run_dir']}: {s['epochs']} epochs, {s['iterations']} iterations, "
         f"{wall_text}{speed}",
-        f"  loss:        train {_num(s.get('final_train_loss'))}, "
-        f"validation {_num(s.get('final_val_loss'))}{best_text}",
+        f"  loss:        train {_num(s.get('final_train_loss'))}{val_text}",
         f"  collapse:    {_num(s.get('final_collapse'), '.3f')} (healthy ~1; first epoch "
         f"{_num(s.get('first_epoch_collapse'), '.3f')})",
         f"  encoder:     {s.get('encoder_path') or 'not written yet'}",
         f"  checkpoint:  {s.get('checkpoint_path') or 'none yet'}",
+        f"  metrics:     {run_dir / 'metrics.csv'}, {run_dir / 'epochs.csv'}",
         f"  summary:     {s.get('summary_path')}",
     ]
     if s.get("collapse_warning"):

@@ -142,6 +142,7 @@ def draw_views(
     title: str,
     row_labels: Sequence[str] | None = None,
     view_keys: Sequence[str] = ("view1", "view2"),
+    value_range: tuple[float, float] = (0.0, 1.0),
 ):
     """Draw the preview grid: one row per sample, columns from :func:`view_panels`.
 
@@ -150,6 +151,7 @@ def draw_views(
             [0, 1] window units), e.g. the output of ``view_transforms(...)(preprocessed)``.
         title: the figure title (:func:`preview_views` puts the HU window and roi_size here).
         row_labels: one label per row (e.g. file names), drawn left of each row.
+        value_range: the intensities drawn black and white (z-scored volumes: (-2, 3)).
         view_keys: the keys of the two views.
 
     Returns:
@@ -178,14 +180,15 @@ def draw_views(
                 ax.set_axis_off()
                 continue
             name, arr = panels[c]
-            image = ax.imshow(arr, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            image = ax.imshow(arr, cmap="gray", vmin=value_range[0], vmax=value_range[1], interpolation="nearest")  # fmt: skip
             if r == 0:
                 ax.set_title(name, fontsize=10)
             if c == 0 and row_labels is not None:
                 ax.set_ylabel(row_labels[r], fontsize=8)
     fig.suptitle(title, fontsize=11)
     if image is not None:
-        fig.colorbar(image, ax=axes, shrink=0.6, label="intensity (window units, 0..1)")
+        units = "window units, 0..1" if value_range == (0.0, 1.0) else "z-score"
+        fig.colorbar(image, ax=axes, shrink=0.6, label=f"intensity ({units})")
     fig.byol3d_panels = rows
     return fig
 
@@ -264,10 +267,15 @@ def views_figure(cfg: Mapping[str, Any], n: int = 4, seed: int = 0):
         return draw_views(samples, title, row_labels=[Path(p).name for p in files])
     low, high = tf_cfg["hu_window"]
     spacing = f", pixdim {list(tf_cfg['pixdim'])} mm" if tf_cfg.get("pixdim") else ""
-    title = (
-        f"BYOL views: HU window [{low:g}, {high:g}], roi_size {roi}{spacing}; "
-        f"grey 0..1 = window; seed {seed}"
-    )
+    rule = tf_cfg.get("intensity", "ct_window")
+    scale = {
+        "ct_window": f"HU window [{low:g}, {high:g}]",
+        "percentile": f"foreground percentiles {list(tf_cfg['percentiles'])}",
+        "zscore": "foreground z-scores",
+    }[rule]
+    grey = "grey 0..1 = window" if rule != "zscore" else "grey -2..3 = z-score"
+    title = f"BYOL views: {scale}, roi_size {roi}{spacing}; {grey}; seed {seed}"
     if len(roi) == 3:
         title += "\naxial/coronal: patient's left on the right; views may be flipped/rotated"
-    return draw_views(samples, title, row_labels=[Path(p).name for p in files])
+    shown = (-2.0, 3.0) if rule == "zscore" else (0.0, 1.0)
+    return draw_views(samples, title, row_labels=[Path(p).name for p in files], value_range=shown)

@@ -104,3 +104,42 @@ def test_extract_without_input_or_with_a_bad_layer_is_an_error(phantoms, tmp_pat
     code = main(["extract", str(tmp_path / "run"), "--data", str(phantoms / "images"),
                  "--output", str(tmp_path / "o"), "--layers", "layer5"])  # fmt: skip
     assert code == 2 and "invalid layer 'layer5'" in capsys.readouterr().err
+
+
+def test_the_runs_intensity_rule_reaches_load_encoder_extract_and_export(tmp_path):
+    import json
+
+    import nibabel as nib
+    import yaml
+
+    from byol3d.evaluation.export import export_encoder
+
+    write_run(tmp_path / "run", "resnet10")
+    cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    cfg["transforms"].update(intensity="zscore", foreground="nonzero", crop_foreground=False)
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    enc = load_encoder(tmp_path / "run")
+    assert (enc.intensity, enc.foreground) == ("zscore", "nonzero")
+    assert enc.preprocessing["intensity"] == "zscore" and enc.preprocessing["in_channels"] == 1
+    a = np.zeros((32, 32, 32), np.uint16)
+    a[8:24, 8:24, 8:24] = np.arange(16**3).reshape(16, 16, 16) % 500 + 100
+    nib.save(nib.Nifti1Image(a, np.eye(4)), tmp_path / "t1.nii.gz")
+    x = enc.preprocess({"image": str(tmp_path / "t1.nii.gz")})["image"][0].numpy()
+    fg = a > 0
+    np.testing.assert_allclose(x[fg].mean(), 0.0, atol=1e-4)  # z-scored over the foreground
+    np.testing.assert_allclose(x[fg].std(), 1.0, atol=1e-4)
+    export_encoder(tmp_path / "run", tmp_path / "w.pt", to="flexible-unet")
+    report = json.loads((tmp_path / "w.pt.json").read_text())["preprocessing"]
+    assert (report["intensity"], report["foreground"], report["percentiles"]) == ("zscore", "nonzero", [0.5, 99.5])  # fmt: skip
+
+
+def test_a_run_from_before_the_intensity_rule_is_a_ct_window_run(tmp_path):
+    import yaml
+
+    write_run(tmp_path / "run", "resnet10")
+    cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    for key in ("intensity", "percentiles", "foreground"):
+        del cfg["transforms"][key]
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    enc = load_encoder(tmp_path / "run")
+    assert (enc.intensity, enc.foreground) == ("ct_window", "auto")

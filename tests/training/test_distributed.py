@@ -44,7 +44,9 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     ckpt = torch.load(tmp_path / "ddp" / "checkpoints" / "checkpoint_2.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in ckpt["model"])
     assert ckpt["trainer"]["iteration"] == 4
-    assert "byol3d: trained 2 epochs" in ddp.stdout and ddp.stdout.count("byol3d: trained") == 1
+    # one end-of-run summary, from rank 0 only, on stdout (not again on stderr)
+    assert ddp.stdout.count("byol3d: run ") == 1 and ": 2 epochs, 4 iterations" in ddp.stdout
+    assert "byol3d: run " not in ddp.stderr
 
 
 def test_distributed_config_error_is_one_line(tmp_path):

@@ -218,3 +218,35 @@ def test_non_finite_weights_are_never_checkpointed():
         model.predictor[0].weight[0, 0] = float("inf")
     with pytest.raises(NonFiniteLossError, match="iteration 7"):
         check_finite_weights(model, 7)
+
+
+def test_progress_bar_shows_the_flushed_loss_and_never_nan(tmp_path, capsys):
+    from byol3d.training.builders import attach_progress_bar
+
+    model = tiny_model()
+    trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    TargetUpdate(model, 0.99).attach(trainer)
+    MetricsLogger(tmp_path / "m.csv", log_every=10).attach(trainer)  # longer than an epoch
+    attach_progress_bar(trainer)
+    trainer.run(batches(3), max_epochs=2)
+    err = capsys.readouterr().err
+    rows = list(csv.DictReader((tmp_path / "m.csv").open()))
+    assert "nan" not in err
+    # each epoch's persisted bar ends on that epoch's last loss, flushed at the epoch's end
+    assert (
+        f"loss={float(rows[2]['loss']):.4g}" in err and f"loss={float(rows[5]['loss']):.4g}" in err
+    )
+
+
+def test_epoch_line_without_validation_set_has_no_val_loss(tmp_path, caplog):
+    import logging
+
+    from byol3d.training.handlers import attach_epoch_log
+
+    model = tiny_model()
+    trainer = create_trainer(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    attach_epoch_log(trainer, model, tmp_path / "epochs.csv", None, None, "cpu", None, 0, None)
+    with caplog.at_level(logging.INFO, logger="byol3d"):
+        trainer.run(batches(2), max_epochs=1)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 1:")]
+    assert len(lines) == 1 and "val" not in lines[0] and "nan" not in lines[0]
