@@ -143,9 +143,18 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> dict[
                 f"override {item!r} must look like KEY=VALUE, e.g. train.max_epochs=5"
             )
         _set(flat, key, _parse_value(raw), "the command line")
+    _channels_set_in_channels(flat)
     cfg = _nest(flat)
     validate_config(cfg)
     return cfg
+
+
+def _channels_set_in_channels(flat: dict[str, Any]) -> None:
+    """``data.in_channels`` follows from ``data.channels``: its default 1 becomes the list's
+    length (any other value must equal it; :func:`validate_config` checks)."""
+    channels = flat["data.channels"]
+    if isinstance(channels, list) and channels and flat["data.in_channels"] == 1:
+        flat["data.in_channels"] = len(channels)
 
 
 def _parse_value(raw: str) -> Any:
@@ -292,9 +301,27 @@ def _validate_geometry(flat: Mapping[str, Any]) -> None:
         raise _fail(
             "transforms.hu_window", flat["transforms.hu_window"], "[low, high] with low < high"
         )
+    _validate_channels(flat)
     lo, hi = _numbers("transforms.percentiles", flat["transforms.percentiles"], 2)
     if not 0 <= lo < hi <= 100:
         raise _fail("transforms.percentiles", flat["transforms.percentiles"], "[low, high] with 0 <= low < high <= 100")  # fmt: skip
+
+
+def _validate_channels(flat: Mapping[str, Any]) -> None:
+    """``data.channels``: distinct names, as many as ``data.in_channels``, 3D only; patterns."""
+    channels, patterns = flat["data.channels"], flat["data.channel_patterns"]
+    if channels is None:
+        if patterns is not None:
+            raise _fail("data.channel_patterns", patterns, "null without data.channels")
+        return
+    if not channels or not all(isinstance(c, str) and c for c in channels) or len(set(channels)) != len(channels):  # fmt: skip
+        raise _fail("data.channels", channels, "a list of distinct channel names, or null")
+    if flat["data.spatial_dims"] != 3:
+        raise _fail("data.channels", channels, "null with data.spatial_dims 2 (frames carry their colours)")  # fmt: skip
+    if flat["data.in_channels"] != len(channels):
+        raise _fail("data.in_channels", flat["data.in_channels"], f"{len(channels)}, the length of data.channels (or left at 1)")  # fmt: skip
+    if patterns is not None and (len(patterns) != len(channels) or not all(isinstance(p, str) and p for p in patterns)):  # fmt: skip
+        raise _fail("data.channel_patterns", patterns, f"{len(channels)} file-name patterns, one per channel of data.channels")  # fmt: skip
 
 
 def _validate_2d(flat: Mapping[str, Any]) -> None:

@@ -49,6 +49,21 @@ OPTIONS: dict[str, Option] = {
     "data.in_channels": Option(
         1, (int,), "image channels: 1 for CT, 3 for RGB frames (2D: 1 or 3)"
     ),
+    "data.channels": Option(
+        None,
+        (list, type(None)),
+        "3D: several co-registered images per subject as channels, e.g. [t1, t2, flair]: CSV column names, or names matched in each subject folder under data.root; sets data.in_channels",
+    ),
+    "data.channel_patterns": Option(
+        None,
+        (list, type(None)),
+        "3D: one file-name pattern (glob, case-insensitive) per channel inside each subject folder (null: '*NAME.*' per name of data.channels)",
+    ),
+    "data.resample_channels": Option(
+        False,
+        (bool,),
+        "3D: resample channels on another grid onto the first channel's (linear) instead of refusing the subject",
+    ),
     "data.dicom": Option(True, (bool,), "3D: also look for DICOM series folders under data.root"),
     "data.val_fraction": Option(
         0.1, _num, "fraction of files held out for the validation loss (0 for none)"

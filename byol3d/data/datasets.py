@@ -86,7 +86,7 @@ def estimate_cache_bytes(
     voxel (float32). The foreground crop is not known before loading, hence an upper bound.
 
     Args:
-        files: image paths or DICOM series folders.
+        files: image paths or DICOM series folders (or lists of a subject's channel files).
         pixdim: the target spacing of ``Spacingd``, or None for native spacing.
         roi_size: the ``SpatialPadd`` size, or None.
 
@@ -95,9 +95,11 @@ def estimate_cache_bytes(
     """
     total = 0
     for f in files:
-        path = str(f)
+        many = isinstance(f, (list, tuple))  # channel files of one subject: the first's grid
+        path = str(f[0] if many else f)
         try:
             shape, spacing, channels = _header_geometry(path)
+            channels = max(channels, 1) * (len(f) if many else 1)
         except DataError:
             raise
         except Exception as err:
@@ -231,7 +233,7 @@ def build_dataset(
         raise ValueError("cache_dir must be given for cache='persistent'")
     loader = _first_of(preprocess, LoadImaged)
     key = loader.keys[0] if loader is not None else "image"
-    rows = [dict(f) if isinstance(f, Mapping) else {key: str(f)} for f in files]
+    rows = [_row(f, key) for f in files]
     if cache == "none":
         return ViewDataset(Dataset(rows, transform=preprocess), views)
 
@@ -239,7 +241,7 @@ def build_dataset(
     pixdim = None if spacing is None else spacing.spacing_transform.pixdim
     roi = None if pad is None else pad.padder.spatial_size
     n = int(len(rows) * cache_rate) if cache == "cache" else len(rows)  # CacheDataset's count
-    paths = [r[key] for r in rows[:n] if isinstance(r.get(key), (str, os.PathLike))]
+    paths = [r[key] for r in rows[:n] if isinstance(r.get(key), (str, os.PathLike, list))]
     est = estimate_cache_bytes(paths, pixdim=pixdim, roi_size=roi)
     with data_errors_unwrapped():
         if cache == "cache":
@@ -249,6 +251,15 @@ def build_dataset(
     dataset = ViewDataset(base, views)
     dataset.cache_bytes = est
     return dataset
+
+
+def _row(item: Any, key: str) -> dict:
+    """A data row: a dict as given, a list of channel files kept as a list, else a path."""
+    if isinstance(item, Mapping):
+        return dict(item)
+    if isinstance(item, (list, tuple)):
+        return {key: [str(p) for p in item]}
+    return {key: str(item)}
 
 
 _COST_NOTE = "float32 after preprocessing, upper bound before foreground crop"
@@ -294,24 +305,23 @@ def _disk_cache(rows: list[dict], preprocess: Compose, est: int, folder: Path) -
 
 
 class _FileCheck(torch.utils.data.Dataset):
-    """Runs ``preprocess`` on one file and returns ``(path, problem or "")``; never raises DataError."""
+    """Runs ``preprocess`` on one file and returns ``(index, problem or "")``; never raises DataError."""
 
-    def __init__(self, files: Sequence[str], preprocess: Callable) -> None:
+    def __init__(self, files: Sequence[Any], preprocess: Callable) -> None:
         self.files, self.preprocess = list(files), preprocess
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[str, str]:
-        path = self.files[index]
+    def __getitem__(self, index: int) -> tuple[int, str]:
         try:
-            self.preprocess({"image": path})
+            self.preprocess({"image": self.files[index]})
         except Exception as exc:  # noqa: BLE001 - only user-data errors are kept, others re-raised
             err = find_data_error(exc)
             if err is None:
                 raise
-            return path, str(err).splitlines()[0]
-        return path, ""
+            return index, str(err).splitlines()[0]
+        return index, ""
 
 
 def check_files(
@@ -327,6 +337,11 @@ def check_files(
         _FileCheck(files, preprocess), batch_size=None, num_workers=num_workers
     )
     good, bad = [], []
-    for path, problem in loader:
-        (bad.append((path, problem)) if problem else good.append(path))
+    for index, problem in loader:
+        item = files[int(index)]  # a path, or a subject's list of channel files
+        (bad.append((_text(item), problem)) if problem else good.append(item))
     return good, bad
+
+
+def _text(item: Any) -> str:
+    return ",".join(map(str, item)) if isinstance(item, (list, tuple)) else str(item)

@@ -34,6 +34,7 @@ import SimpleITK as sitk
 from monai.config import PathLike
 
 from byol3d.checks import check_number
+from byol3d.data.channels import find_subjects
 from byol3d.data.frame_reader import FRAME_SUFFIXES
 from byol3d.errors import DataError
 
@@ -133,7 +134,8 @@ def split_train_val(
     shuffling), so it is the same on every call. Both lists keep the sorted order.
 
     Args:
-        files: image paths, e.g. from :func:`find_images`.
+        files: image paths, e.g. from :func:`find_images` (or lists of channel paths, one
+            per subject; sorted and compared by their text).
         val_fraction: fraction for validation in [0, 1). 0 gives no validation; otherwise
             at least one validation file when there are two or more files, and never all.
         seed: the shuffle's seed.
@@ -142,7 +144,8 @@ def split_train_val(
         ``(train, val)``, disjoint lists of strings.
     """
     check_number("val_fraction", val_fraction, 0.0, 1.0, high_open=True)
-    names = sorted(str(f) for f in files)
+    items = sorted((f if isinstance(f, (list, tuple)) else str(f) for f in files), key=str)
+    names = [str(f) for f in items]
     if len(set(names)) != len(names):
         dupes = sorted(n for n, c in Counter(names).items() if c > 1)
         raise ValueError(f"files holds duplicates, e.g. {dupes[0]!r}")
@@ -154,8 +157,8 @@ def split_train_val(
     order = list(range(len(names)))
     random.Random(seed).shuffle(order)
     val_idx = set(order[:n_val])
-    train = [n for i, n in enumerate(names) if i not in val_idx]
-    val = [n for i, n in enumerate(names) if i in val_idx]
+    train = [n for i, n in enumerate(items) if i not in val_idx]
+    val = [n for i, n in enumerate(items) if i in val_idx]
     return train, val
 
 
@@ -203,7 +206,10 @@ def find_frames(root: PathLike) -> list[str]:
 
 
 def read_image_list(
-    csv_path: PathLike, root: PathLike | None = None, require_label: bool = False
+    csv_path: PathLike,
+    root: PathLike | None = None,
+    require_label: bool = False,
+    channels: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
     """The rows of a CSV list of images, each as ``{"image": path, "id": ..., "label": ...}``.
 
@@ -219,7 +225,10 @@ def read_image_list(
 
     At least one of the two columns is needed; ``label`` is optional and passed on as the
     string it is (empty cells are left out) unless ``require_label``. Other columns are
-    ignored.
+    ignored. With ``channels`` (multi-sequence subjects, ``data.channels``) each row instead
+    needs one column per channel name, each cell a path by the same rule, and ``"image"``
+    is the list of those paths in channel order (``id``: the ``id`` cell or the first
+    file's stem).
 
     Args:
         csv_path: the CSV file (comma-separated, with a header row).
@@ -240,17 +249,22 @@ def read_image_list(
     base = Path(root).expanduser() if root else csv_file.parent
     columns, rows = _read_csv(csv_file)
     where = f"CSV list {csv_path}"
-    if "path" not in columns and "id" not in columns:
+    missing = [c for c in channels or () if c not in columns]
+    if missing:
+        raise DataError(f"{where} needs a column per channel of data.channels {list(channels)}, missing {missing} (found columns {columns})")  # fmt: skip
+    if not channels and "path" not in columns and "id" not in columns:
         raise DataError(f"{where} needs a 'path' or an 'id' column, found columns {columns}")
     if require_label and "label" not in columns:
         raise DataError(f"{where} needs a 'label' column, found columns {columns}")
     out: list[dict[str, Any]] = []
     seen: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
-        item = _row_item(row, base, f"{where} line {line}")
+        item = (_channel_item if channels else _row_item)(
+            row, base, f"{where} line {line}", channels
+        )
         if require_label and "label" not in item:
             raise DataError(f"{where} line {line}: empty label")
-        key = os.path.normpath(item["image"])
+        key = str(item["image"])
         if key in seen:
             raise DataError(
                 f"{where} line {line}: {item['image']} is already listed on line {seen[key]}"
@@ -279,7 +293,23 @@ def _read_csv(csv_file: Path) -> tuple[list[str], list[dict[str, str]]]:
     return columns, rows
 
 
-def _row_item(row: dict[str, str], base: Path, where: str) -> dict[str, Any]:
+def _channel_item(row: dict[str, str], base: Path, where: str, channels: Sequence[str]) -> dict[str, Any]:  # fmt: skip
+    """One multi-sequence row: ``{"image": [path per channel], "id", "label"?}``."""
+    paths = []
+    for name in channels:
+        if not row.get(name):
+            raise DataError(f"{where}: empty {name!r} (a file for every channel of data.channels)")  # fmt: skip
+        path = base / Path(row[name]).expanduser()
+        if not path.exists():
+            raise DataError(f"{where}: {name} image {path} does not exist")
+        paths.append(os.path.normpath(str(path)))
+    item: dict[str, Any] = {"image": paths, "id": row.get("id") or _stem(Path(paths[0]))}
+    if row.get("label"):
+        item["label"] = row["label"]
+    return item
+
+
+def _row_item(row: dict[str, str], base: Path, where: str, _channels: Any = None) -> dict[str, Any]:  # fmt: skip
     """One row as ``{"image", "id", "label"?}`` by :func:`read_image_list`'s path rule."""
     if row.get("path"):
         path = base / Path(row["path"]).expanduser()  # an absolute path replaces base
@@ -322,23 +352,29 @@ def list_images(
     csv: PathLike | None = None,
     spatial_dims: int = 3,
     dicom: bool = True,
-) -> list[str]:
+    channels: Sequence[str] | None = None,
+    channel_patterns: Sequence[str] | None = None,
+) -> list[str] | list[list[str]]:
     """The image paths a run trains on: a CSV list if given, else a folder search.
 
     - ``csv`` set: the rows of :func:`read_image_list` (2D or 3D files alike);
     - otherwise, for ``spatial_dims`` 2, :func:`find_frames` under ``root``; for 3, the
-      volumes and DICOM series of :func:`byol3d.data.discovery.find_images`.
+      volumes and DICOM series of :func:`byol3d.data.discovery.find_images`;
+    - with ``channels`` (multi-sequence subjects), one list of paths per subject instead:
+      the CSV's channel columns, or :func:`byol3d.data.channels.find_subjects` under ``root``.
 
     Raises:
         DataError: as the functions above, or when neither ``root`` nor ``csv`` is given.
     """
     if csv:
-        return [item["image"] for item in read_image_list(csv, root)]
+        return [item["image"] for item in read_image_list(csv, root, channels=channels)]
     if not root:
         raise DataError(
             "data.root is not set: give the data folder (e.g. data.root=/data/frames) or a "
             "CSV list (data.csv=/data/train.csv)"
         )
+    if channels:
+        return find_subjects(walk_visible(root), channels, channel_patterns)
     if spatial_dims == 2:
         return find_frames(root)
     return find_images(root, dicom=dicom)

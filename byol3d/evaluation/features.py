@@ -40,7 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 from byol3d.config import default_config
-from byol3d.data.discovery import find_images, read_image_list
+from byol3d.data.discovery import list_images, read_image_list
 from byol3d.data.readers import as_tensor
 from byol3d.errors import CheckpointError, DataError
 from byol3d.evaluation.export import check_state, read_encoder_state
@@ -311,7 +311,8 @@ def extract_to_folder(
         output: folder for ``features.npy`` (N x D float32), ``index.csv`` (``row,path`` plus
             ``id,label`` from a CSV) and, with ``layers``, ``maps/<row>.npz`` (one array per
             layer, ``(channels, *spatial / stride)``).
-        data: folder searched recursively like ``data.root`` (NIfTI, NRRD, MHA, DICOM series).
+        data: folder searched recursively like ``data.root`` (NIfTI, NRRD, MHA, DICOM series;
+            for a multi-sequence run, its subject folders by the run's ``data.channels``).
         csv: instead of ``data``: a CSV with a ``path`` (or ``id``) column, see
             :func:`byol3d.data.discovery.read_image_list`; ``root`` resolves its relative paths.
         layers: also write the stitched feature maps of these layers (``layer1..layer4``).
@@ -330,10 +331,13 @@ def extract_to_folder(
         if bad:
             raise DataError(f"invalid layer {bad[0]!r}, must be some of {', '.join(LAYERS)}")
     enc = load_encoder(source, device=device)
+    data_cfg = enc.config["data"]
     if csv is not None:
-        rows = read_image_list(csv, root=root)
+        rows = read_image_list(csv, root=root, channels=data_cfg["channels"])
     else:
-        rows = [{"image": p} for p in find_images(data, dicom=bool(enc.config["data"]["dicom"]))]
+        found = list_images(data, dicom=bool(data_cfg["dicom"]), channels=data_cfg["channels"],
+                            channel_patterns=data_cfg["channel_patterns"])  # fmt: skip
+        rows = [{"image": p} for p in found]
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     if layers:
@@ -354,5 +358,7 @@ def extract_to_folder(
         writer = csv_module.writer(fh, lineterminator="\n")
         writer.writerow(columns)
         for i, row in enumerate(rows):
-            writer.writerow([i, row["image"], *(row.get(c, "") for c in columns[2:])])
+            path = row["image"]  # a subject's channel files: joined with ";"
+            path = ";".join(path) if isinstance(path, list) else path
+            writer.writerow([i, path, *(row.get(c, "") for c in columns[2:])])
     return out / "features.npy", out / "index.csv"

@@ -175,7 +175,7 @@ def evaluate_run(
     if seeds < 1 or folds < 2:
         raise DataError(f"need seeds >= 1 and folds >= 2, got seeds={seeds}, folds={folds}")
     enc = load_encoder(source)
-    rows = read_image_list(csv_path, root=root, require_label=True)
+    rows = read_image_list(csv_path, root=root, require_label=True, channels=enc.config["data"]["channels"])  # fmt: skip
     labels = np.array([r["label"] for r in rows])
     encoders = {"pretrained": enc.encoder}
     for i in range(seeds):

@@ -131,6 +131,8 @@ def training_files(
     csv: str | None,
     spatial_dims: int,
     dicom: bool,
+    channels: list[str] | None,
+    channel_patterns: list[str] | None,
     on_bad_file: str,
     val_fraction: float,
     seed: int,
@@ -139,7 +141,8 @@ def training_files(
     out: Path,
 ) -> tuple[list[str], list[str]]:
     """``(train, val)`` files: listed, checked first with ``on_bad_file="skip"``, split."""
-    files = list_images(root, csv=csv, spatial_dims=spatial_dims, dicom=dicom)
+    files = list_images(root, csv=csv, spatial_dims=spatial_dims, dicom=dicom,
+                        channels=channels, channel_patterns=channel_patterns)  # fmt: skip
     if on_bad_file == "skip":
         files = _skip_bad_files(files, preprocess, num_workers, out)
     train_files, val_files = split_train_val(files, val_fraction, seed=seed)
@@ -366,6 +369,7 @@ def attach_evaluation(
     roi_size: Sequence[int],
     knn_csv: str | None,
     knn_every: int,
+    channels: list[str] | None = None,
     device: torch.device,
     amp_dtype: torch.dtype | None,
     seed: int,
@@ -375,7 +379,7 @@ def attach_evaluation(
     knn = bool(knn_csv) and is_main()
     if knn:  # before the epoch log, which writes its result
         KnnMonitor(unwrap(model).encoder, knn_csv, preprocess, roi_size,
-                   every=knn_every, device=device, writer=writer).attach(trainer)  # fmt: skip
+                   every=knn_every, device=device, writer=writer, channels=channels).attach(trainer)  # fmt: skip
     attach_epoch_log(trainer, model, out / "epochs.csv", val_loader, val_views, device,
                      amp_dtype, seed, writer, knn=knn)  # fmt: skip
 

@@ -344,9 +344,10 @@ class KnnMonitor:
         k: int = 5,
         device: torch.device | str = "cpu",
         writer=None,
+        channels: Sequence[str] | None = None,
     ) -> None:
         check_number("every", every, 1, integer=True)
-        self.rows = read_image_list(csv_path, require_label=True)
+        self.rows = read_image_list(csv_path, require_label=True, channels=channels)
         self.encoder, self.preprocess, self.roi_size = encoder, preprocess, tuple(roi_size)
         self.every, self.k, self.device, self.writer = every, k, torch.device(device), writer
         self._images: list[torch.Tensor] | None = None

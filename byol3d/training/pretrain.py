@@ -95,8 +95,8 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
                         activation_checkpointing=train["activation_checkpointing"],
                         sync_bn=train["sync_bn"])  # fmt: skip
     train_files, val_files = training_files(
-        **{k: data[k] for k in ("root", "csv", "spatial_dims", "dicom", "on_bad_file",
-                                "val_fraction", "num_workers")},
+        **{k: data[k] for k in ("root", "csv", "spatial_dims", "dicom", "channels", "channel_patterns",
+                                "on_bad_file", "val_fraction", "num_workers")},
         seed=seed, preprocess=preprocess, out=out,
     )  # fmt: skip
     val_views = build_transforms(cfg)[1] if val_files else None
@@ -124,7 +124,7 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
                             progress=train["progress"])  # fmt: skip
     # the kNN monitor sees what evaluation sees: the views' input without the augmentations
     attach_evaluation(trainer, model, out, val_loader, val_views, preprocess=build_eval_transform(cfg),
-                      roi_size=roi, knn_csv=train["knn_csv"], knn_every=train["knn_every"],
+                      roi_size=roi, knn_csv=train["knn_csv"], knn_every=train["knn_every"], channels=data["channels"],
                       device=device, amp_dtype=amp_dtype, seed=seed, writer=writer)  # fmt: skip
     to_save = training_state(model, optimizer, lr_scheduler, trainer, scaler, cfg)
     attach_checkpointing(trainer, to_save, out, checkpoint_every=train["checkpoint_every"],

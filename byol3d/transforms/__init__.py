@@ -59,7 +59,7 @@ def build_transforms(cfg: Mapping[str, Any]):
             raise ConfigError(f"transforms: {err}") from err
     try:
         preprocess = ct_preprocess(
-            in_channels=cfg["data"]["in_channels"], **{k: tf_cfg[k] for k in _PREPROCESS_KEYS}
+            **_data_arguments(cfg), **{k: tf_cfg[k] for k in _PREPROCESS_KEYS}
         )
         views = view_transforms(
             roi_size=list(tf_cfg["roi_size"]),
@@ -72,6 +72,16 @@ def build_transforms(cfg: Mapping[str, Any]):
     except ValueError as err:
         raise ConfigError(f"transforms: {err}") from err
     return preprocess, views
+
+
+def _data_arguments(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``data.*`` keys :func:`ct_preprocess` takes: channel count, names, resampling."""
+    data = cfg["data"]
+    return {
+        "in_channels": data["in_channels"],
+        "channel_names": data.get("channels"),
+        "resample_channels": bool(data.get("resample_channels", False)),
+    }
 
 
 def build_eval_transform(cfg: Mapping[str, Any], label_key: str | None = None) -> Compose:
@@ -106,9 +116,7 @@ def build_eval_transform(cfg: Mapping[str, Any], label_key: str | None = None) -
     tf_cfg = cfg["transforms"]
     try:
         return ct_preprocess(
-            in_channels=cfg["data"]["in_channels"],
-            label_key=label_key,
-            **{k: tf_cfg[k] for k in _PREPROCESS_KEYS},
+            label_key=label_key, **_data_arguments(cfg), **{k: tf_cfg[k] for k in _PREPROCESS_KEYS}
         )
     except ValueError as err:
         raise ConfigError(f"transforms: {err}") from err
@@ -137,6 +145,8 @@ def config_mean_std(
         csv=data_cfg.get("csv"),
         spatial_dims=data_cfg["spatial_dims"],
         dicom=data_cfg.get("dicom", True),
+        channels=data_cfg.get("channels"),
+        channel_patterns=data_cfg.get("channel_patterns"),
     )
     n = len(files) if max_files is None else min(len(files), max_files)
     mean, std = compute_mean_std(

@@ -47,7 +47,8 @@ from monai.transforms import (
 )
 
 from byol3d.checks import check_pair, non_negative, per_view
-from byol3d.data.readers import ValidateImaged, data_errors_unwrapped, image_loader
+from byol3d.data.channels import StackChannelsd
+from byol3d.data.readers import ValidateImaged, data_errors_unwrapped
 from byol3d.transforms.crops import RandResizedCropd, ShareItemsd, SpatialPadNoted, check_roi
 from byol3d.transforms.geometry import RecordedRandFlipd, RecordedRandRotate90d
 from byol3d.transforms.intensity import NormalizeIntensityd, resolve_foreground
@@ -108,11 +109,14 @@ def ct_preprocess(
     intensity: str = "ct_window",
     percentiles: Sequence[float] = (0.5, 99.5),
     foreground: str = "auto",
+    channel_names: Sequence[str] | None = None,
+    resample_channels: bool = False,
 ) -> PreprocessCompose:
     """The deterministic (cacheable) part of the 3D pipeline: a path in, a tensor out.
 
     Steps: load (:func:`byol3d.data.readers.image_loader`: NIfTI, NRRD, MetaImage, DICOM
-    series) -> ``EnsureChannelFirstd`` -> :class:`ValidateImaged` -> ``Orientationd("RAS")``
+    series; a list of files as channels: :class:`~byol3d.data.channels.StackChannelsd`) ->
+    ``EnsureChannelFirstd`` -> :class:`ValidateImaged` -> ``Orientationd("RAS")``
     -> ``Spacingd(pixdim)`` if given -> :class:`~byol3d.transforms.intensity.NormalizeIntensityd`
     (``intensity``: the CT window mapping ``hu_window`` to [0, 1] with clipping, foreground
     percentiles or z-scores; a volume without foreground is an error naming it) ->
@@ -146,6 +150,10 @@ def ct_preprocess(
             (0.5, 99.5).
         foreground: ``auto`` (``hu`` for ``ct_window``, else ``otsu``), ``hu``, ``otsu`` or
             ``nonzero``: the voxels the statistics and the crop use.
+        channel_names: names of the channels of multi-sequence rows (``{"image": [t1, t2]}``,
+            loaded by :class:`byol3d.data.channels.StackChannelsd`), for its messages.
+        resample_channels: resample channels on another grid onto the first channel's
+            instead of refusing the subject.
 
     Returns:
         A :class:`PreprocessCompose` (a ``monai.transforms.Compose``) whose output ``image``
@@ -164,7 +172,7 @@ def ct_preprocess(
     mask_key = "foreground_mask" if crop_foreground else None
 
     transforms: list = [
-        image_loader(geometric),
+        StackChannelsd(geometric, names=channel_names, resample=resample_channels),
         EnsureChannelFirstd(geometric),
         ValidateImaged(key_list, in_channels=in_channels, spatial_dims=dims),
         *([ValidateImaged(labels, in_channels=1, spatial_dims=dims)] if labels else []),
@@ -216,6 +224,8 @@ def ct_preprocess(
         "percentiles": [float(p) for p in percentiles],
         "foreground": rule,
     }
+    if resample_channels:
+        config["resample_channels"] = True
     if label_key is not None:
         config["label_key"] = label_key
     return PreprocessCompose(transforms, config=config)

@@ -250,6 +250,8 @@ def views_figure(cfg: Mapping[str, Any], n: int = 4, seed: int = 0):
             csv=data_cfg.get("csv"),
             spatial_dims=data_cfg["spatial_dims"],
             dicom=data_cfg.get("dicom", True),
+            channels=data_cfg.get("channels"),
+            channel_patterns=data_cfg.get("channel_patterns"),
         )[:n]
         samples = []
         for path in files:
@@ -265,6 +267,7 @@ def views_figure(cfg: Mapping[str, Any], n: int = 4, seed: int = 0):
             f"BYOL views: roi_size {roi}, normalisation undone for display (RGB 0..1); seed {seed}"
         )
         return draw_views(samples, title, row_labels=[Path(p).name for p in files])
+    files = [p[0] if isinstance(p, list) else p for p in files]  # a subject: its first channel
     low, high = tf_cfg["hu_window"]
     spacing = f", pixdim {list(tf_cfg['pixdim'])} mm" if tf_cfg.get("pixdim") else ""
     rule = tf_cfg.get("intensity", "ct_window")
