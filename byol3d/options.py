@@ -65,6 +65,11 @@ OPTIONS: dict[str, Option] = {
         "3D: resample channels on another grid onto the first channel's (linear) instead of refusing the subject",
     ),
     "data.dicom": Option(True, (bool,), "3D: also look for DICOM series folders under data.root"),
+    "data.dicom_series": Option(
+        None,
+        (str, type(None)),
+        "3D: the series read from a DICOM folder holding several: a SeriesInstanceUID or part of a SeriesDescription (null: the one with the most files)",
+    ),
     "data.val_fraction": Option(
         0.1, _num, "fraction of files held out for the validation loss (0 for none)"
     ),

@@ -62,3 +62,12 @@ def _fresh_file_notes():
     forget_notes()
     yield
     forget_notes()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dicom_scans():
+    """DICOM folder scans are cached per process: every test scans its own folders afresh."""
+    from byol3d.data.dicom import forget_scans
+
+    forget_scans()
+    yield

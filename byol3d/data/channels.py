@@ -131,6 +131,7 @@ class StackChannelsd(MapTransform):
         names: channel names for messages (default ``channel 1, channel 2, ...``).
         resample: resample channels on another grid onto the first channel's (linear
             interpolation) instead of raising.
+        dicom_series: the series to read from DICOM folders (``data.dicom_series``).
 
     Raises:
         DataError: from ``__call__``, when the grids differ (naming the subject, both
@@ -138,13 +139,17 @@ class StackChannelsd(MapTransform):
     """
 
     def __init__(
-        self, keys: KeysCollection, names: Sequence[str] | None = None, resample: bool = False
+        self,
+        keys: KeysCollection,
+        names: Sequence[str] | None = None,
+        resample: bool = False,
+        dicom_series: str | None = None,
     ) -> None:
         super().__init__(keys)
         self.names = list(names) if names else None
         self.resample = bool(resample)
-        self.loader = image_loader(self.keys)
-        self._one = image_loader("image")
+        self.loader = image_loader(self.keys, dicom_series=dicom_series)
+        self._one = image_loader("image", dicom_series=dicom_series)
         self._first_channel = EnsureChannelFirst()
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:

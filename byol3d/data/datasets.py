@@ -36,8 +36,9 @@ from monai.data.utils import json_hashing
 from monai.transforms import Compose, LoadImaged, Spacingd, SpatialPadd, apply_transform
 
 from byol3d.checks import check_number
+from byol3d.data.dicom import series_files
 from byol3d.data.discovery import is_image
-from byol3d.data.readers import data_errors_unwrapped, dicom_series_files, find_data_error
+from byol3d.data.readers import data_errors_unwrapped, find_data_error
 from byol3d.errors import DataError
 
 logger = logging.getLogger("byol3d")
@@ -56,7 +57,7 @@ def _header_geometry(path: str) -> tuple[list[int], list[float], int]:
         return shape[:3], spacing[: len(shape[:3])], int(np.prod(shape[3:], dtype=np.int64))
     reader = sitk.ImageFileReader()
     if os.path.isdir(path):
-        names = dicom_series_files(path)
+        names = series_files(path)[0]
         reader.SetFileName(names[0])
         reader.ReadImageInformation()
         size, spacing = list(reader.GetSize()[:2]), list(reader.GetSpacing()[:2])

@@ -30,11 +30,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import SimpleITK as sitk
 from monai.config import PathLike
 
 from byol3d.checks import check_number
 from byol3d.data.channels import find_subjects
+from byol3d.data.dicom import scan_folder
 from byol3d.data.frame_reader import FRAME_SUFFIXES
 from byol3d.errors import DataError
 
@@ -59,8 +59,11 @@ def _is_dicom_folder(folder: str, names: Sequence[str]) -> bool:
     """A folder with ``.dcm`` files, or with files that GDCM reads as a DICOM series."""
     if any(n.lower().endswith(".dcm") for n in names):
         return True
-    if any(_maybe_dicom(n) for n in names):  # GDCM reads only the headers: cheap
-        return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder))
+    if any(_maybe_dicom(n) for n in names):  # GDCM reads only the headers, once (cached)
+        try:
+            return bool(scan_folder(folder))
+        except DataError:
+            return False
     return False
 
 

@@ -39,6 +39,7 @@ from monai.data.utils import orientation_ras_lps
 from monai.transforms import LoadImaged, MapTransform
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
+from byol3d.data.dicom import series_files
 from byol3d.data.sanity import SOURCE_DTYPE, note_file
 from byol3d.errors import DataError
 
@@ -55,33 +56,6 @@ def _sitk_message(err: Exception) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
-def dicom_series_files(folder: PathLike) -> list[str]:
-    """The files of the largest DICOM series in ``folder``, sorted by slice position (GDCM).
-
-    Args:
-        folder: a directory holding one or more DICOM series.
-
-    Raises:
-        DataError: when the folder holds no DICOM series SimpleITK/GDCM can read.
-    """
-    folder = str(folder)
-    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(folder)
-    if not series_ids:
-        raise DataError(f"no DICOM series found in folder {folder}")
-    series = {sid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(folder, sid) for sid in series_ids}
-    best = max(series_ids, key=lambda sid: (len(series[sid]), sid))
-    if len(series_ids) > 1:
-        sizes = ", ".join(f"{sid} ({len(series[sid])} files)" for sid in series_ids)
-        logger.warning(
-            "%s holds %d DICOM series: %s; reading the largest, %s",
-            folder,
-            len(series_ids),
-            sizes,
-            best,
-        )
-    return list(series[best])
-
-
 class SimpleITKReader(ImageReader):
     """Read ``.nrrd``/``.nhdr``/``.mha``/``.mhd`` files and DICOM series folders with SimpleITK.
 
@@ -90,8 +64,11 @@ class SimpleITKReader(ImageReader):
     :func:`image_loader`, which does so.
 
     A directory is read as a DICOM series (``SimpleITK.ImageSeriesReader``, files sorted by
-    GDCM along the slice normal). If it holds several series, the one with the most files is
-    read and a warning names the others.
+    GDCM along the slice normal), chosen and checked by :func:`byol3d.data.dicom.series_files`:
+    ``series`` (a SeriesInstanceUID or part of a SeriesDescription) or the one with the most
+    files (logged once when there are several); several slices at one position, missing
+    slices and non-uniform spacing are errors naming the series. Rescale slope and
+    intercept are applied (as float32 when they differ between slices).
 
     Args:
         channel_dim: the channel axis of the loaded array, stored as ``original_channel_dim``
@@ -101,6 +78,7 @@ class SimpleITKReader(ImageReader):
             metadata (keys such as ``"0008|0060"``). Off by default: it slows reading.
         affine_lps_to_ras: convert ITK's LPS affine to RAS (default True, consistent with
             ``NibabelReader``); False keeps LPS and sets ``space`` to ``"LPS"``.
+        series: the DICOM series to read in a folder (``data.dicom_series``); None: the largest.
 
     Raises:
         DataError: from ``read`` when a file cannot be read (message names the file).
@@ -111,11 +89,13 @@ class SimpleITKReader(ImageReader):
         channel_dim: str | int | None = None,
         series_meta: bool = False,
         affine_lps_to_ras: bool = True,
+        series: str | None = None,
     ) -> None:
         super().__init__()
         self.channel_dim = float("nan") if channel_dim == "no_channel" else channel_dim
         self.series_meta = series_meta
         self.affine_lps_to_ras = affine_lps_to_ras
+        self.series = series
 
     def verify_suffix(self, filename: Sequence[PathLike] | PathLike) -> bool:
         """True when every name is a DICOM folder or ends with one of :data:`SITK_SUFFIXES`."""
@@ -147,7 +127,10 @@ class SimpleITKReader(ImageReader):
 
     def _read_series(self, folder: str) -> sitk.Image:
         reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(dicom_series_files(folder))
+        files, as_float = series_files(folder, self.series)
+        reader.SetFileNames(files)
+        if as_float:  # per-slice rescale: one integer type would round some slices
+            reader.SetOutputPixelType(sitk.sitkFloat32)
         if self.series_meta:
             reader.MetaDataDictionaryArrayUpdateOn()
             reader.LoadPrivateTagsOn()
@@ -258,7 +241,9 @@ def _one_line(err: Exception) -> str:
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
-def image_loader(keys: KeysCollection, **kwargs: Any) -> LoadImaged:
+def image_loader(
+    keys: KeysCollection, dicom_series: str | None = None, **kwargs: Any
+) -> LoadImaged:
     """``LoadImaged`` that reads NIfTI with nibabel and everything else with SimpleITK.
 
     ``LoadImaged`` (with ``reader=None``) tries its registered readers from the last
@@ -270,6 +255,7 @@ def image_loader(keys: KeysCollection, **kwargs: Any) -> LoadImaged:
 
     Args:
         keys: the data-dict keys holding file paths, e.g. ``"image"``.
+        dicom_series: the series to read from DICOM folders (see :class:`SimpleITKReader`).
         kwargs: further ``LoadImaged`` arguments (``image_only=True`` unless given).
 
     Returns:
@@ -278,7 +264,7 @@ def image_loader(keys: KeysCollection, **kwargs: Any) -> LoadImaged:
     """
     kwargs.setdefault("image_only", True)
     loader = LoadImaged(keys=keys, reader=None, **kwargs)
-    loader.register(SimpleITKReader())
+    loader.register(SimpleITKReader(series=dicom_series))
     loader.register(_NibabelReader())
     return loader
 

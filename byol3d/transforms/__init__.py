@@ -75,12 +75,13 @@ def build_transforms(cfg: Mapping[str, Any]):
 
 
 def _data_arguments(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The ``data.*`` keys :func:`ct_preprocess` takes: channel count, names, resampling."""
+    """The ``data.*`` keys :func:`ct_preprocess` takes: channels, resampling, DICOM series."""
     data = cfg["data"]
     return {
         "in_channels": data["in_channels"],
         "channel_names": data.get("channels"),
         "resample_channels": bool(data.get("resample_channels", False)),
+        "dicom_series": data.get("dicom_series"),
     }
 
 

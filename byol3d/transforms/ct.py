@@ -111,6 +111,7 @@ def ct_preprocess(
     foreground: str = "auto",
     channel_names: Sequence[str] | None = None,
     resample_channels: bool = False,
+    dicom_series: str | None = None,
 ) -> PreprocessCompose:
     """The deterministic (cacheable) part of the 3D pipeline: a path in, a tensor out.
 
@@ -154,6 +155,8 @@ def ct_preprocess(
             loaded by :class:`byol3d.data.channels.StackChannelsd`), for its messages.
         resample_channels: resample channels on another grid onto the first channel's
             instead of refusing the subject.
+        dicom_series: the series of DICOM folders to read (a SeriesInstanceUID or part of a
+            SeriesDescription); None: the largest (:mod:`byol3d.data.dicom`).
 
     Returns:
         A :class:`PreprocessCompose` (a ``monai.transforms.Compose``) whose output ``image``
@@ -172,7 +175,9 @@ def ct_preprocess(
     mask_key = "foreground_mask" if crop_foreground else None
 
     transforms: list = [
-        StackChannelsd(geometric, names=channel_names, resample=resample_channels),
+        StackChannelsd(
+            geometric, names=channel_names, resample=resample_channels, dicom_series=dicom_series
+        ),  # fmt: skip
         EnsureChannelFirstd(geometric),
         ValidateImaged(key_list, in_channels=in_channels, spatial_dims=dims),
         *([ValidateImaged(labels, in_channels=1, spatial_dims=dims)] if labels else []),
@@ -226,6 +231,8 @@ def ct_preprocess(
     }
     if resample_channels:
         config["resample_channels"] = True
+    if dicom_series:
+        config["dicom_series"] = dicom_series
     if label_key is not None:
         config["label_key"] = label_key
     return PreprocessCompose(transforms, config=config)
