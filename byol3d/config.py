@@ -326,6 +326,8 @@ def _validate_channels(flat: Mapping[str, Any]) -> None:
 
 def _validate_2d(flat: Mapping[str, Any]) -> None:
     """The keys of the 2D frame path (checked for 3D runs too: a config stays valid either way)."""
+    if flat["data.min_frame_std"] is not None:
+        _checked(check_number, "data.min_frame_std", flat["data.min_frame_std"], 0, 1)
     size = flat["transforms.frame_size"]
     if size is not None:
         _checked(check_number, "transforms.frame_size", size, 1)

@@ -70,6 +70,11 @@ OPTIONS: dict[str, Option] = {
         (str, type(None)),
         "3D: the series read from a DICOM folder holding several: a SeriesInstanceUID or part of a SeriesDescription (null: the one with the most files)",
     ),
+    "data.min_frame_std": Option(
+        None,
+        (int, float, type(None)),
+        "2D: before training, drop frames whose pixel std (0..1 units) is below this: constant, black or near-black frames (e.g. 0.02; null: keep all), listed in OUTPUT_DIR/dropped_frames.txt",
+    ),
     "data.val_fraction": Option(
         0.1, _num, "fraction of files held out for the validation loss (0 for none)"
     ),

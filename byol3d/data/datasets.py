@@ -38,6 +38,7 @@ from monai.transforms import Compose, LoadImaged, Spacingd, SpatialPadd, apply_t
 from byol3d.checks import check_number
 from byol3d.data.dicom import series_files
 from byol3d.data.discovery import is_image
+from byol3d.data.frame_reader import frame_std
 from byol3d.data.readers import data_errors_unwrapped, find_data_error
 from byol3d.errors import DataError
 
@@ -346,3 +347,29 @@ def check_files(
 
 def _text(item: Any) -> str:
     return ",".join(map(str, item)) if isinstance(item, (list, tuple)) else str(item)
+
+
+class _FrameStd(torch.utils.data.Dataset):
+    def __init__(self, files: Sequence[str]) -> None:
+        self.files = list(files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> float:
+        return frame_std(self.files[index])
+
+
+def drop_flat_frames(
+    files: Sequence[str], min_std: float, num_workers: int = 0
+) -> tuple[list[str], list[tuple[str, float]]]:
+    """``data.min_frame_std``: split frames into those whose pixel std (0..1 units,
+    :func:`byol3d.data.frame_reader.frame_std`) reaches ``min_std`` and ``(path, std)`` of the
+    constant, black or near-black rest. Unreadable frames are kept (the bad-file rule decides).
+    """
+    check_number("min_frame_std", min_std, 0.0)
+    loader = torch.utils.data.DataLoader(_FrameStd(files), batch_size=None, num_workers=num_workers)  # fmt: skip
+    kept, dropped = [], []
+    for path, std in zip(files, loader, strict=True):
+        (dropped.append((path, float(std))) if float(std) < min_std else kept.append(path))
+    return kept, dropped

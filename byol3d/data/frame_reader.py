@@ -112,3 +112,20 @@ class _LoadFramed(LoadImaged):
 def frame_loader(keys: KeysCollection, channels: int = 3) -> LoadImaged:
     """A ``LoadImaged`` with :class:`FrameReader`: a path in, a ``(W, H, C)`` uint8 MetaTensor out."""
     return _LoadFramed(keys, FrameReader(channels=channels))
+
+
+def frame_std(path: PathLike, size: int = 256) -> float:
+    """Pixel standard deviation of a frame in 0..1 units, read at most ``size`` pixels a side.
+
+    JPEGs are decoded at reduced size (PIL's draft mode), so a pass over many frames stays
+    cheap; converted to RGB as :class:`FrameReader` does. NaN for a file that cannot be read
+    (left to the run's bad-file rule).
+    """
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (size, size))
+            image = _ToMode("RGB")(image)
+            image.thumbnail((size, size))
+            return float(np.asarray(image, dtype=np.float32).std() / 255.0)
+    except Exception:  # noqa: BLE001 - PIL raises many types; the reader names the file later
+        return float("nan")

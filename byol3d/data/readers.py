@@ -40,7 +40,7 @@ from monai.transforms import LoadImaged, MapTransform
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
 from byol3d.data.dicom import series_files
-from byol3d.data.sanity import SOURCE_DTYPE, note_file
+from byol3d.data.sanity import FLAT_FRAME_STD, FLAT_FRAMES, SOURCE_DTYPE, frame_std, note_file
 from byol3d.errors import DataError
 
 logger = logging.getLogger("byol3d")
@@ -322,7 +322,8 @@ class ValidateImaged(MapTransform):
     Expects channel-first images (after ``EnsureChannelFirstd``). Raises when the channel
     count is not ``in_channels`` (e.g. a 4D series with 5 time points), when the number of
     spatial dimensions is not ``spatial_dims`` (e.g. a 2D image in a 3D run), or when the
-    image holds NaN or Inf. Warns (once per file) that a constant image is used anyway.
+    image holds NaN or Inf. Warns (once per file) that a constant image is used anyway; 2D
+    frames that are constant or near-black are only counted, in one line per run.
 
     Args:
         keys: keys of the images to check.
@@ -360,7 +361,9 @@ class ValidateImaged(MapTransform):
             values = as_tensor(img)
             if values.is_floating_point() and not bool(torch.isfinite(values).all()):
                 raise DataError(f"{name}: the image contains NaN or Inf values")
-            if values.numel() and bool(values.min() == values.max()):
+            if self.spatial_dims == 2 and values.numel() and frame_std(values) < FLAT_FRAME_STD:
+                note_file(FLAT_FRAMES, name, f"{name} is a constant or near-black frame: it is used anyway", named=0)  # fmt: skip
+            elif values.numel() and bool(values.min() == values.max()):
                 note_file(
                     "constant volumes",
                     name,

@@ -88,18 +88,21 @@ def hu_problem(values: torch.Tensor, source_dtype: str | None = None) -> str | N
     return None
 
 
-def note_file(kind: str, name: str, message: str) -> None:
-    """Warn ``message`` about file ``name`` once per process; past :data:`NAMED` files of a
-    ``kind``, one line says further ones are only counted (see :func:`noted_counts`)."""
+def note_file(kind: str, name: str, message: str, named: int = NAMED) -> None:
+    """Warn ``message`` about file ``name`` once per process; past ``named`` files of a
+    ``kind``, one line says further ones are only counted (see :func:`noted_counts`).
+    ``named=0`` (frames: thousands of black ones) logs only that line, with ``message``."""
     with _lock:
         seen = _noted.setdefault(kind, set())
         if name in seen:
             return
         seen.add(name)
         count = len(seen)
-    if count <= NAMED:
+    if named == 0 and count == 1:
+        logger.warning("%s (further ones are counted, not named)", message)
+    elif count <= named:
         logger.warning("%s", message)
-    elif count == NAMED + 1:
+    elif named and count == named + 1:
         logger.warning(
             "more files with %s: not named one by one (the total is reported before training)",
             kind,
@@ -113,10 +116,27 @@ def noted_counts() -> dict[str, int]:
 
 
 def report_noted() -> None:
-    """One summary line per kind of note that named only the first :data:`NAMED` files."""
+    """One summary line per kind of note that named only its first files."""
     for kind, count in sorted(noted_counts().items()):
-        if count > NAMED:
+        if kind == FLAT_FRAMES and count > 1:
+            logger.warning("%d %s (data.min_frame_std drops such frames before training)", count, kind)  # fmt: skip
+        elif kind != FLAT_FRAMES and count > NAMED:
             logger.warning("%d files with %s (the first %d are named above)", count, kind, NAMED)
+
+
+#: The kind of note for frames below :data:`FLAT_FRAME_STD`.
+FLAT_FRAMES = "constant or near-black frames"
+
+#: Pixel standard deviation (in 0..1 units over all channels) under which a frame counts as
+#: constant or near-black: about 5 grey levels of 255, sensor noise on a black frame.
+FLAT_FRAME_STD = 0.02
+
+
+def frame_std(values: torch.Tensor) -> float:
+    """Standard deviation of a frame's pixels in 0..1 units (uint8 frames divided by 255)."""
+    sample = strided_sample(values)
+    scale = 255.0 if values.dtype == torch.uint8 else 1.0
+    return float(sample.std(correction=0)) / scale if sample.numel() else 0.0
 
 
 def forget_notes() -> None:

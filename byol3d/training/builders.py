@@ -29,7 +29,7 @@ from monai.data import ThreadDataLoader
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from byol3d.data.datasets import build_dataset, check_files
+from byol3d.data.datasets import build_dataset, check_files, drop_flat_frames
 from byol3d.data.discovery import list_images, split_train_val
 from byol3d.errors import ConfigError, DataError
 from byol3d.models.byol import BYOL
@@ -133,6 +133,7 @@ def training_files(
     dicom: bool,
     channels: list[str] | None,
     channel_patterns: list[str] | None,
+    min_frame_std: float | None,
     on_bad_file: str,
     val_fraction: float,
     seed: int,
@@ -143,6 +144,8 @@ def training_files(
     """``(train, val)`` files: listed, checked first with ``on_bad_file="skip"``, split."""
     files = list_images(root, csv=csv, spatial_dims=spatial_dims, dicom=dicom,
                         channels=channels, channel_patterns=channel_patterns)  # fmt: skip
+    if min_frame_std is not None and spatial_dims == 2:
+        files = _drop_flat_frames(files, min_frame_std, num_workers, out)
     if on_bad_file == "skip":
         files = _skip_bad_files(files, preprocess, num_workers, out)
     train_files, val_files = split_train_val(files, val_fraction, seed=seed)
@@ -154,6 +157,21 @@ def training_files(
         len(val_files),
     )
     return train_files, val_files
+
+
+def _drop_flat_frames(files: list[str], min_std: float, num_workers: int, out: Path) -> list[str]:
+    """``data.min_frame_std``: drop constant and near-black frames, count them, list them."""
+    kept, dropped = drop_flat_frames(files, min_std, num_workers=num_workers)
+    if is_main():
+        listing = out / "dropped_frames.txt"
+        listing.write_text("".join(f"{path}\t{std:.4f}\n" for path, std in dropped))
+        logger.info(
+            "data.min_frame_std %g: dropped %d of %d frames (constant, black or near-black; listed in %s)",
+            min_std, len(dropped), len(files), listing,
+        )  # fmt: skip
+    if not kept:
+        raise DataError(f"data.min_frame_std {min_std:g} drops all {len(files)} frames (their pixel std is below it)")  # fmt: skip
+    return kept
 
 
 def _skip_bad_files(files: list[str], preprocess, num_workers: int, out: Path) -> list[str]:

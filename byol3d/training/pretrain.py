@@ -96,7 +96,7 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
                         sync_bn=train["sync_bn"])  # fmt: skip
     train_files, val_files = training_files(
         **{k: data[k] for k in ("root", "csv", "spatial_dims", "dicom", "channels", "channel_patterns",
-                                "on_bad_file", "val_fraction", "num_workers")},
+                                "min_frame_std", "on_bad_file", "val_fraction", "num_workers")},
         seed=seed, preprocess=preprocess, out=out,
     )  # fmt: skip
     val_views = build_transforms(cfg)[1] if val_files else None

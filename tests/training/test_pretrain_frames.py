@@ -192,3 +192,51 @@ def test_shipped_2d_configs_load_and_build_their_transforms(name, tmp_path):
     roi = cfg["transforms"]["roi_size"]
     out = views({"image": torch.randint(0, 256, (3, roi[0] + 16, roi[1] + 8), dtype=torch.uint8)})
     assert tuple(out["view1"].shape) == (3, *roi) and out["view2"].dtype == torch.float32
+
+
+def _flat_frames(folder, n, seed=0):
+    """``n`` black frames with sensor noise (std about 1 grey level) and one constant grey one."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        noise = rng.normal(3, 1, size=(40, 48, 3)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(noise).save(folder / f"black_{i:03d}.png")
+    Image.fromarray(np.full((40, 48, 3), 128, np.uint8)).save(folder / "grey.png")
+
+
+def test_black_frames_are_one_summary_line_and_min_frame_std_drops_them(frames, tmp_path, caplog):
+    import logging
+    import shutil
+
+    root = tmp_path / "frames"
+    shutil.copytree(frames / "images", root)
+    _flat_frames(root / "out_of_body", 4)
+    overrides = [*TINY_2D, f"data.root={root}", "data.cache=cache"]
+    with caplog.at_level(logging.INFO, logger="byol3d"):
+        pretrain(load_config(None, [*overrides, f"output_dir={tmp_path / 'kept'}"]))
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    flat = [m for m in warned if "near-black" in m]
+    assert len(flat) == 2, flat  # the first one seen, then the total: never one line each
+    assert flat[1] == "5 constant or near-black frames (data.min_frame_std drops such frames before training)"  # fmt: skip
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="byol3d"):
+        result = pretrain(load_config(None, [*overrides, f"output_dir={tmp_path / 'dropped'}", "data.min_frame_std=0.02"]))  # fmt: skip
+    assert result.iterations == 3  # the 6 real frames, batch 2
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("data.min_frame_std 0.02: dropped 5 of 11 frames" in m for m in lines)
+    assert not any("near-black frame" in m for m in lines)
+    listed = (tmp_path / "dropped" / "dropped_frames.txt").read_text().splitlines()
+    assert len(listed) == 5 and all(float(line.split("\t")[1]) < 0.02 for line in listed)
+
+
+def test_frame_std_measures_what_the_filter_drops(tmp_path):
+    from byol3d.data.frame_reader import frame_std
+
+    _flat_frames(tmp_path, 1)
+    a = np.zeros((40, 48, 3), np.uint8)
+    a[:, 24:] = 255  # half black, half white: std 0.5
+    Image.fromarray(a).save(tmp_path / "half.png")
+    assert frame_std(tmp_path / "grey.png") == 0.0
+    assert frame_std(tmp_path / "half.png") == pytest.approx(0.5, abs=1e-6)
+    assert 0.0 < frame_std(tmp_path / "black_000.png") < 0.01
+    assert np.isnan(frame_std(tmp_path / "missing.png"))
