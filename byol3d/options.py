@@ -191,6 +191,18 @@ OPTIONS: dict[str, Option] = {
     "transforms.blur_sigma": Option(
         [0.5, 1.5], (list,), "Gaussian smoothing sigma range in voxels (BYOL 2D: [0.1, 2.0])"
     ),
+    "transforms.views": Option(
+        "cpu",
+        (str,),
+        "3D: where the random views are made. cpu: per sample by MONAI transforms in the DataLoader workers; batched: the workers only draw each view's box and parameters and slice the box, the views of a whole batch are made at once (transforms.device); same keys, same distributions",
+        ("cpu", "batched"),
+    ),
+    "transforms.device": Option(
+        "auto",
+        (str,),
+        "with views: batched: auto makes them on train.device (a GPU: one batch ahead on a side stream; a CPU: in the DataLoader workers), cpu always in the workers",
+        ("auto", "cpu"),
+    ),
     "transforms.frame_size": Option(
         None,
         (int, type(None)),

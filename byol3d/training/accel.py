@@ -34,6 +34,8 @@ from monai.transforms import Compose, ToDeviced
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from byol3d.transforms.batched_ops import make_views
+
 #: Values of ``train.channels_last``.
 CHANNELS_LAST_CHOICES = ("auto", "on", "off")
 
@@ -175,6 +177,66 @@ def apply_speed_options(
     if compile:
         for enc in encoders:
             compile_blocks(enc.net, skip=enc.layer)
+
+
+class DeviceViewLoader:
+    """Batches of boxes in, batches of views made on ``device`` out, one batch ahead.
+
+    ``transforms.views: batched`` on a GPU: the wrapped loader yields batches of
+    :func:`byol3d.transforms.batched.collate_boxes` (patches pinned by the DataLoader), and
+    :func:`byol3d.transforms.batched_ops.make_views` makes their views on the device. On CUDA
+    batch ``i + 1``'s copies and views are queued on a side stream before batch ``i`` is
+    handed to the training step, so they overlap with it; the compute stream waits for a
+    batch's views only when it gets them (``wait_stream``), and its tensors are recorded on
+    the compute stream so the caching allocator does not reuse them early. Elsewhere the
+    views are made in order, in this process.
+
+    ``len()``, ``sampler``, ``dataset`` and ``batch_size`` are the wrapped loader's, so Ignite
+    and the samplers' ``set_epoch`` see it as the loader.
+    """
+
+    def __init__(
+        self,
+        loader,
+        roi_size,
+        device: torch.device | str,
+        view_keys=("view1", "view2"),
+        memory_format: torch.memory_format | None = None,
+    ) -> None:
+        self.loader, self.roi_size, self.device = loader, tuple(roi_size), torch.device(device)
+        self.view_keys, self.memory_format = tuple(view_keys), memory_format
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str):
+        if name in ("sampler", "dataset", "batch_size"):
+            return getattr(self.loader, name)
+        raise AttributeError(name)
+
+    def _make(self, batch):
+        return make_views(
+            batch, self.roi_size, self.device, self.view_keys, memory_format=self.memory_format
+        )
+
+    def __iter__(self):
+        if self.device.type != "cuda":
+            for batch in self.loader:
+                yield self._make(batch)
+            return
+        side, compute = torch.cuda.Stream(self.device), torch.cuda.current_stream(self.device)
+        pending = None
+        for batch in self.loader:
+            with torch.cuda.stream(side):
+                made = self._make(batch)
+            if pending is not None:
+                yield pending  # its step is queued while `made` is computed on the side
+            compute.wait_stream(side)
+            for key in self.view_keys:
+                made[key].record_stream(compute)
+            pending = made
+        if pending is not None:
+            yield pending
 
 
 def device_views(

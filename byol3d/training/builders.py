@@ -34,7 +34,12 @@ from byol3d.data.discovery import list_images, split_train_val
 from byol3d.errors import ConfigError, DataError
 from byol3d.models.byol import BYOL
 from byol3d.models.encoders import build_encoder
-from byol3d.training.accel import apply_speed_options, device_views, memory_format
+from byol3d.training.accel import (
+    DeviceViewLoader,
+    apply_speed_options,
+    device_views,
+    memory_format,
+)
 from byol3d.training.distributed import is_main, make_loader, world_size, wrap_model
 from byol3d.training.engine import (
     create_trainer,
@@ -53,6 +58,8 @@ from byol3d.training.handlers import (
     views_to_tensorboard,
 )
 from byol3d.training.optim import build_optimizer, warmup_cosine
+from byol3d.transforms.batched import collate_boxes
+from byol3d.transforms.batched_ops import MakeViewsCollate
 
 logger = logging.getLogger("byol3d")
 
@@ -205,6 +212,10 @@ def build_loaders(
     device: torch.device,
     seed: int,
     gpu_views: bool,
+    views: str = "cpu",
+    views_device: str = "auto",
+    roi_size: Sequence[int] = (),
+    views_format: torch.memory_format | None = None,
     cache: str,
     cache_dir: str,
     cache_rate: float,
@@ -212,11 +223,33 @@ def build_loaders(
     progress: bool,
 ) -> tuple[DataLoader, DataLoader | None]:
     """The training loader (shuffled; GPU views in threads with ``gpu_views``) and the
-    validation loader (None without ``val_files``)."""
+    validation loader (None without ``val_files``).
+
+    With ``views="batched"`` (``transforms.views``) the views are made per batch
+    (:mod:`byol3d.transforms.batched_ops`): on a CUDA ``device`` with ``views_device="auto"``
+    by a :class:`DeviceViewLoader` (in ``views_format``), otherwise in the DataLoader workers
+    (:class:`MakeViewsCollate`).
+    """
     if gpu_views and (device.type != "cuda" or world_size() > 1):
         raise ConfigError(
             "data.gpu_views needs train.device on one CUDA GPU (no DDP); set it false"
         )
+    if gpu_views and views == "batched":
+        raise ConfigError(
+            "data.gpu_views and transforms.views batched exclude each other; pick one"
+        )
+    on_device = views == "batched" and views_device == "auto" and device.type == "cuda"
+    collate = (
+        None if views != "batched" else collate_boxes if on_device else MakeViewsCollate(roi_size)
+    )
+
+    def finish(loader):
+        return (
+            DeviceViewLoader(loader, roi_size, device, memory_format=views_format)
+            if on_device
+            else loader
+        )
+
     dataset_kwargs = {"cache": cache, "cache_dir": cache_dir, "cache_rate": cache_rate,
                       "num_workers": num_workers, "progress": progress}  # fmt: skip
     # a persistent cache is written by rank 0 first, then read by the others (MONAI#2374)
@@ -224,15 +257,16 @@ def build_loaders(
     views_in_ds = device_views(train_views, device) if gpu_views else train_views
     with rank_0_first():
         train_ds = build_dataset(train_files, preprocess, views_in_ds, **dataset_kwargs)
-    loader_kwargs = {"num_workers": num_workers, "pin_memory": device.type == "cuda", "seed": seed}
+    loader_kwargs = {"num_workers": num_workers, "pin_memory": device.type == "cuda", "seed": seed,
+                     "collate_fn": collate}  # fmt: skip
     drop_last = len(train_ds) >= batch_size * world_size()
     if gpu_views:  # GPU tensors stay in this process: threads, not worker processes
         train_loader = ThreadDataLoader(
             train_ds, batch_size=batch_size, shuffle=True, drop_last=drop_last, num_workers=0
         )
     else:
-        train_loader = make_loader(
-            train_ds, batch_size, shuffle=True, drop_last=drop_last, **loader_kwargs
+        train_loader = finish(
+            make_loader(train_ds, batch_size, shuffle=True, drop_last=drop_last, **loader_kwargs)
         )
     if len(train_ds) < batch_size:
         logger.warning(
@@ -244,8 +278,8 @@ def build_loaders(
         return train_loader, None
     with rank_0_first():
         val_ds = build_dataset(val_files, preprocess, val_views, **dataset_kwargs)
-    return train_loader, make_loader(
-        val_ds, batch_size, shuffle=False, drop_last=False, **loader_kwargs
+    return train_loader, finish(
+        make_loader(val_ds, batch_size, shuffle=False, drop_last=False, **loader_kwargs)
     )
 
 

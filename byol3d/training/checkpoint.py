@@ -60,6 +60,7 @@ RESUMABLE_KEYS = frozenset(
         "data.cache",
         "data.cache_dir",
         "data.cache_rate",
+        "transforms.device",
     }
 )
 

@@ -97,13 +97,17 @@ def make_loader(
     num_workers: int,
     pin_memory: bool,
     seed: int = 0,
+    collate_fn: Callable | None = None,
 ) -> DataLoader:
     """A loader of ``batch_size`` samples per process; sharded by rank when distributed.
 
     MONAI's ``worker_init_fn`` gives every worker its own random state for the augmentations.
     In a distributed run the ``DistributedSampler`` is seeded with ``seed`` and needs
     ``loader.sampler.set_epoch(epoch)`` at each epoch start (:func:`byol3d.training.pretrain.pretrain` does it).
+    ``collate_fn`` replaces MONAI's ``list_data_collate`` (e.g.
+    :func:`byol3d.transforms.batched.collate_boxes`).
     """
+    extra = {} if collate_fn is None else {"collate_fn": collate_fn}
     if world_size() <= 1:
         return DataLoader(
             dataset,
@@ -112,6 +116,7 @@ def make_loader(
             drop_last=drop_last,
             num_workers=num_workers,
             pin_memory=pin_memory,
+            **extra,
         )
     sampler = DistributedSampler(
         dataset,
@@ -130,4 +135,5 @@ def make_loader(
         num_workers=num_workers * idist.get_nproc_per_node(),
         pin_memory=pin_memory,
         worker_init_fn=worker_init_fn,
+        **extra,
     )

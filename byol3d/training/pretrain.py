@@ -29,7 +29,7 @@ from typing import Any
 from byol3d.config import dump_config
 from byol3d.data.sanity import forget_notes, report_noted
 from byol3d.rundir import latest_checkpoint, save_encoder
-from byol3d.training.accel import resolve_channels_last
+from byol3d.training.accel import memory_format, resolve_channels_last
 from byol3d.training.builders import (
     attach_evaluation,
     attach_logging,
@@ -104,7 +104,9 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
         train_files, val_files, preprocess, train_views, val_views,
         **{k: data[k] for k in ("gpu_views", "cache", "cache_rate", "num_workers")},
         cache_dir=data["cache_dir"] or str(out / "cache"), batch_size=train["batch_size"],
-        device=device, seed=seed, progress=train["progress"],
+        device=device, seed=seed, progress=train["progress"], roi_size=roi,
+        views=cfg["transforms"]["views"], views_device=cfg["transforms"]["device"],
+        views_format=memory_format(data["spatial_dims"]) if channels_last else None,
     )  # fmt: skip
     report_noted()  # files read so far (all of them with a RAM cache or on_bad_file: skip)
     optimizer, lr_scheduler, schedule = build_optimization(

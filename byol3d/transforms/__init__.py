@@ -22,6 +22,7 @@ from monai.transforms import Compose
 from byol3d.data.discovery import list_images
 from byol3d.data.stats import compute_mean_std
 from byol3d.errors import ConfigError
+from byol3d.transforms.batched import BoxViewsd
 from byol3d.transforms.ct import PreprocessCompose, ct_preprocess, view_transforms
 from byol3d.transforms.frames import (
     FRAME_ONLY_KEYS,
@@ -38,6 +39,8 @@ PREPROCESS_KEYS = (
     "intensity", "percentiles", "foreground",
 )  # fmt: skip
 _PREPROCESS_KEYS = PREPROCESS_KEYS
+#: ``transforms.*`` keys that choose where views are made, not what they are.
+VIEW_PLACEMENT_KEYS = ("views", "device")
 
 
 def build_transforms(cfg: Mapping[str, Any]):
@@ -46,13 +49,21 @@ def build_transforms(cfg: Mapping[str, Any]):
     The :data:`PREPROCESS_KEYS` (``transforms.roi_size/hu_window/pixdim/crop_foreground/
     foreground_hu/intensity/percentiles/foreground``) and ``data.in_channels`` go to
     :func:`byol3d.transforms.ct_preprocess`; ``roi_size`` and the
-    other ``transforms.*`` keys to :func:`byol3d.transforms.view_transforms`.
+    other ``transforms.*`` keys to :func:`byol3d.transforms.view_transforms`, or with
+    ``transforms.views: batched`` to :class:`byol3d.transforms.batched.BoxViewsd` (same keys,
+    same distributions; the views are then made per batch, see
+    :mod:`byol3d.transforms.batched_ops`).
 
     Raises:
         ConfigError: settings the transforms reject (e.g. a threshold outside the HU window).
     """
     tf_cfg = cfg["transforms"]
     if cfg["data"]["spatial_dims"] == 2:  # frames: byol3d.transforms.frames, same structure
+        if tf_cfg.get("views", "cpu") == "batched":
+            raise ConfigError(
+                "transforms.views batched is for 3D volumes (data.spatial_dims 3); 2D frames "
+                "make their views per sample (transforms.views cpu)"
+            )
         try:
             return build_frame_transforms(cfg)
         except ValueError as err:
@@ -61,12 +72,13 @@ def build_transforms(cfg: Mapping[str, Any]):
         preprocess = ct_preprocess(
             **_data_arguments(cfg), **{k: tf_cfg[k] for k in _PREPROCESS_KEYS}
         )
-        views = view_transforms(
+        make = BoxViewsd if tf_cfg.get("views", "cpu") == "batched" else view_transforms
+        views = make(
             roi_size=list(tf_cfg["roi_size"]),
             **{
                 k: v
                 for k, v in tf_cfg.items()
-                if k not in _PREPROCESS_KEYS and k not in FRAME_ONLY_KEYS
+                if k not in (*_PREPROCESS_KEYS, *FRAME_ONLY_KEYS, *VIEW_PLACEMENT_KEYS)
             },
         )
     except ValueError as err:

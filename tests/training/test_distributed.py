@@ -26,9 +26,10 @@ def losses(out):
     return [float(r["loss"]) for r in csv.DictReader((out / "metrics.csv").open())]
 
 
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("views", ["cpu", pytest.param("batched", marks=pytest.mark.slow)])
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, views):
     write_demo_dataset(tmp_path / "data", n=9, shape=(48, 48, 32), spacing=(8.0, 8.0, 10.0))
-    common = [*TINY, f"data.root={tmp_path / 'data' / 'images'}"]
+    common = [*TINY, f"data.root={tmp_path / 'data' / 'images'}", f"transforms.views={views}"]
     ddp = run(
         [*common, "train.batch_size=2", f"output_dir={tmp_path / 'ddp'}", "--nproc-per-node", "2"]
     )

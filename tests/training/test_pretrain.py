@@ -77,14 +77,17 @@ def test_pretrain_writes_the_run_directory(phantoms, tmp_path):
     assert torch.equal(state["conv1.weight"], ckpt["model"]["online_encoder.net.conv1.weight"])
 
 
-def test_resume_continues_from_checkpoint_and_matches_uninterrupted_run(phantoms, tmp_path):
+@pytest.mark.parametrize("views", ["cpu", "batched"])
+def test_resume_continues_from_checkpoint_and_matches_uninterrupted_run(phantoms, tmp_path, views):
     out = tmp_path / "run"
-    straight = pretrain(tiny_config(phantoms, out, "train.max_epochs=2"))
+    extra = [f"transforms.views={views}", "model.dense_weight=1.0", "model.dense_layer=layer2"]
+    extra = extra if views == "batched" else []  # batched: the dense term reads its records
+    straight = pretrain(tiny_config(phantoms, out, "train.max_epochs=2", *extra))
     assert straight.iterations == 4
     final = weights(straight.checkpoint)
     # an interruption after epoch 1's checkpoint: the epoch-2 checkpoint never got written
     straight.checkpoint.unlink()
-    resumed = pretrain(tiny_config(phantoms, out, "train.max_epochs=2"))
+    resumed = pretrain(tiny_config(phantoms, out, "train.max_epochs=2", *extra))
     assert resumed.resumed_from == out / "checkpoints" / "checkpoint_1.pt"
     assert resumed.iterations == 4
     rows = list(csv.DictReader((out / "metrics.csv").open()))
