@@ -268,7 +268,9 @@ OPTIONS: dict[str, Option] = {
         ("auto", "on", "off"),
     ),
     "train.compile": Option(
-        False, (bool,), "torch.compile each residual block (first steps slower while compiling)"
+        False,
+        (bool,),
+        "torch.compile the encoders' hook-free forward (one graph with hidden_layer avgpool; first steps slower while compiling)",
     ),
     "train.activation_checkpointing": Option(
         False,

@@ -138,6 +138,38 @@ def _available_ram() -> int | None:
         return None
 
 
+class SeededSampler(torch.utils.data.Sampler):
+    """A sampler of ``(index, seed)`` pairs whose order and seeds follow ``(seed, epoch, rank)``.
+
+    Each epoch's seed is derived from the run's ``seed``, the epoch (``set_epoch``, called at
+    every epoch start) and the process rank; it orders a ``RandomSampler`` (its generator is
+    seeded from it) and travels to the workers with each index, so a :class:`ViewDataset`
+    draws sample ``i``'s views from ``(epoch seed, i)`` alone: the same order and views with
+    0, 2 or 8 workers, persistent or not (persistent workers draw nothing from torch's
+    generator at an epoch start), and after a resume. ``set_epoch`` is forwarded to a
+    ``DistributedSampler`` (which shuffles by its own seed and epoch).
+    """
+
+    def __init__(self, base: torch.utils.data.Sampler, seed: int = 0, rank: int = 0) -> None:
+        self.base, self.seed, self.rank, self.epoch = base, int(seed), int(rank), 0
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def __iter__(self):
+        entropy = [self.seed, self.epoch, self.rank]
+        seed = int(np.random.SeedSequence(entropy).generate_state(1)[0] % (2**31))
+        if isinstance(self.base, torch.utils.data.RandomSampler):
+            self.base.generator = torch.Generator().manual_seed(seed)
+        for index in self.base:
+            yield int(index), seed
+
+
 class ViewDataset(Dataset):
     """Random views on top of a dataset of preprocessed items, leaving those items intact.
 
@@ -163,6 +195,15 @@ class ViewDataset(Dataset):
     def __init__(self, base: Sequence, views: Callable) -> None:
         super().__init__(data=base, transform=views)
         self.cache_bytes: int | None = None
+
+    def __getitem__(self, index):
+        """``index`` or ``(index, seed)`` (:class:`SeededSampler`): then the views are drawn
+        with the view transform seeded from ``(seed, index)``."""
+        if isinstance(index, tuple) and len(index) == 2:
+            index, seed = index
+            state = np.random.SeedSequence([int(seed), int(index)]).generate_state(1)[0]
+            self.transform.set_random_state(seed=int(state))
+        return super().__getitem__(index)
 
     def _transform(self, index: int) -> Any:
         with data_errors_unwrapped():

@@ -190,14 +190,21 @@ def _unpack(encoder: LoadedEncoder | nn.Module, roi_size) -> tuple[nn.Module, tu
 
 
 class _LayerMaps(nn.Module):
-    """The encoder's outputs of ``layers`` as a tuple (forward hooks live for one call)."""
+    """The encoder's outputs of ``layers`` as a tuple (forward hooks live for one call),
+    optionally under autocast and in a memory format; float32 out."""
 
-    def __init__(self, net: nn.Module, layers: Sequence[str]) -> None:
+    def __init__(self, net: nn.Module, layers: Sequence[str], amp_dtype=None, memory_format=None):
         super().__init__()
         self.net, self.layers = net, tuple(layers)
+        self.amp_dtype, self.memory_format = amp_dtype, memory_format
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(layer_outputs(self.net, x, self.layers))
+        if self.memory_format is not None:
+            x = x.contiguous(memory_format=self.memory_format)
+        if self.amp_dtype is None:
+            return tuple(layer_outputs(self.net, x, self.layers))
+        with torch.autocast(x.device.type, dtype=self.amp_dtype):
+            return tuple(m.float() for m in layer_outputs(self.net, x, self.layers))
 
 
 @torch.no_grad()
@@ -209,6 +216,8 @@ def feature_maps(
     overlap: float = 0.25,
     sw_batch_size: int = 4,
     device: str | torch.device | None = None,
+    amp_dtype: torch.dtype | None = None,
+    memory_format: torch.memory_format | None = None,
 ) -> dict[str, torch.Tensor]:
     """Feature maps of one image at several layers, stitched by sliding-window inference.
 
@@ -220,6 +229,8 @@ def feature_maps(
         overlap: window overlap (MONAI's ``overlap``); 0.25 by default.
         sw_batch_size: windows per forward pass.
         device: where to compute (default: the encoder's device).
+        amp_dtype: autocast dtype (e.g. ``torch.bfloat16``); None: full precision.
+        memory_format: e.g. ``torch.channels_last_3d`` for a channels-last encoder.
 
     Returns:
         ``{layer: (channels, *spatial // stride)}`` float32 CPU tensors (strides 4, 8, 16, 32).
@@ -244,7 +255,7 @@ def feature_maps(
             torch.as_tensor(x, dtype=torch.float32),
             roi_size=roi,
             sw_batch_size=sw_batch_size,
-            predictor=_LayerMaps(net, layers),
+            predictor=_LayerMaps(net, layers, amp_dtype, memory_format),
             overlap=overlap,
             mode="constant",
             sw_device=device,
@@ -265,6 +276,8 @@ def extract_features(
     sw_batch_size: int = 4,
     device: str | torch.device | None = None,
     layers: Sequence[str] = ("layer4",),
+    amp_dtype: torch.dtype | None = None,
+    memory_format: torch.memory_format | None = None,
 ) -> np.ndarray:
     """Global embeddings of preprocessed images: an ``N x D`` float32 array.
 
@@ -278,7 +291,8 @@ def extract_features(
         encoder: a :class:`LoadedEncoder` or a MONAI ResNet (then ``roi_size`` is required).
         images: a ``(N, C, *spatial)`` tensor, or an iterable of ``(C, *spatial)`` tensors of
             any sizes (e.g. a tqdm-wrapped generator over files).
-        roi_size, overlap, sw_batch_size, device: as in :func:`feature_maps`.
+        roi_size, overlap, sw_batch_size, device, amp_dtype, memory_format: as in
+            :func:`feature_maps`.
         layers: layers whose global averages make up the row.
 
     Returns:
@@ -286,7 +300,8 @@ def extract_features(
     """
     rows = []
     for image in images:
-        maps = feature_maps(encoder, image, layers, roi_size, overlap, sw_batch_size, device)
+        maps = feature_maps(encoder, image, layers, roi_size, overlap, sw_batch_size, device,
+                            amp_dtype=amp_dtype, memory_format=memory_format)  # fmt: skip
         rows.append(torch.cat([m.flatten(1).mean(1) for m in maps.values()]))
     if not rows:
         raise ValueError("no images to extract features from")

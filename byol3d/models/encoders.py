@@ -201,6 +201,10 @@ class HookedEncoder(nn.Module):
         self.net = net
         self.layer = layer
         self.dense_layer = dense_layer
+        #: True once :meth:`feature_dim` found that ``net(x)`` itself is the ``layer`` output
+        #: (MONAI's ResNet with ``avgpool``): :meth:`forward` then runs no hook, so the
+        #: network's forward can be compiled as one graph.
+        self.direct = False
 
     def _capture(self, x: torch.Tensor, layers: Sequence[str]) -> list[torch.Tensor]:
         labels = [
@@ -215,6 +219,8 @@ class HookedEncoder(nn.Module):
         return out.flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.direct:
+            return self._pool(self.net(x))
         return self._pool(self._capture(x, [self.layer])[0])
 
     def forward_with_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,7 +244,9 @@ class HookedEncoder(nn.Module):
         """Representation size, found by a dry run on one input of ``input_shape`` (C, *spatial).
 
         The dry run uses batch size 1 in eval mode (so batch norm accepts it) on the device of
-        the network's parameters, and restores the training mode afterwards.
+        the network's parameters, and restores the training mode afterwards. It also checks
+        whether the network's own output is the ``layer`` output (flattened), and if so sets
+        :attr:`direct`.
         """
         shape = tuple(int(s) for s in input_shape)
         param = next(self.net.parameters(), None)
@@ -247,7 +255,13 @@ class HookedEncoder(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            out = self(torch.zeros((1, *shape), device=device, dtype=dtype))
+            x = torch.zeros((1, *shape), device=device, dtype=dtype)
+            out = self(x)
+            if not self.direct:
+                whole = self.net(x)
+                same = isinstance(whole, torch.Tensor) and whole.shape[0] == 1
+                same = same and self._pool(whole).shape == out.shape
+                self.direct = bool(same and torch.allclose(self._pool(whole), out, atol=1e-6))
         except RuntimeError as err:
             raise ValueError(
                 f"the encoder cannot take inputs of shape {shape} (channels, *spatial): {err}"

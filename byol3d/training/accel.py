@@ -5,10 +5,13 @@ Each switch is a config key (measured effects in docs/benchmarks.md):
 * ``train.channels_last`` (``auto``: on for CUDA only) - the model's weights and the input
   batches in ``channels_last_3d`` (``channels_last`` in 2D). cuDNN's fastest 3D convolutions
   are channels-last under bf16/fp16; on CPU (oneDNN) it was measured slower, hence ``auto``.
-* ``train.compile`` (opt-in) - ``torch.compile`` on each residual block of the online and the
-  target encoder (``nn.Module.compile``: in place, so state_dict keys and ``encoder.pt`` are
-  unchanged). Blocks rather than the whole model, because the representation hook is added and
-  removed at every forward call, which a whole-model graph would have to recompile for.
+* ``train.compile`` (opt-in) - ``torch.compile`` of the online and the target encoder's
+  hook-free forward (:func:`compile_encoder`; ``nn.Module.compile``: in place, so state_dict
+  keys and ``encoder.pt`` are unchanged): one graph for ``hidden_layer: avgpool`` (the
+  network's output is the representation), else the residual stages without a hooked layer.
+* cuDNN autotuning - ``torch.backends.cudnn.benchmark`` is switched on for CUDA devices
+  (:func:`byol3d.training.builders.process_device`): the shapes of a run are fixed, so each
+  convolution's fastest algorithm is picked once.
 * ``train.activation_checkpointing`` (opt-in) - the online encoder's residual blocks keep no
   activations; they are recomputed in the backward pass (about 1/3 more compute for much less
   memory: large crops or batches of 8+ volumes on one GPU). Batch-norm running statistics are
@@ -120,33 +123,38 @@ def enable_activation_checkpointing(net: nn.Module, layers: tuple[str, ...] = _L
     return changed
 
 
-def compile_blocks(net: nn.Module, skip: str | None = None, **compile_kwargs) -> int:
-    """``torch.compile`` each residual block of a MONAI ResNet in place (``nn.Module.compile``).
+def compile_encoder(encoder: nn.Module, **compile_kwargs) -> list[str]:
+    """``torch.compile`` a :class:`byol3d.models.encoders.HookedEncoder`'s network, hook-free.
+
+    When the network's output is the representation (``encoder.direct``: MONAI's ResNet with
+    ``hidden_layer: avgpool``) and no dense map is read, the whole forward is compiled as one
+    graph (``nn.Module.compile``, in place: state_dict keys and ``encoder.pt`` unchanged). A
+    forward with hooks cannot be compiled whole (the hooks come and go at every call), and
+    compiling each residual block hits Dynamo's recompile limit (8): the blocks share one code
+    object. Then the residual stages that carry no hooked layer are compiled instead (at most
+    four stage graphs per mode), and the hooked stage runs eagerly.
 
     Args:
-        net: the encoder.
-        skip: a module name (the representation layer) whose block is left uncompiled, so
-            the forward hook on it is seen by eager code.
-        compile_kwargs: passed to ``torch.compile`` (e.g. ``mode="max-autotune"``). The default
-            is ``dynamic=False``: training shapes are fixed, and inductor's symbolic-shape
-            lowering of 3D convolutions fails on CPU after the first shape change (the dry run
-            that sizes the heads uses another batch size).
+        encoder: a ``HookedEncoder`` (``.net``, ``.layer``, ``.dense_layer``, ``.direct``).
+        compile_kwargs: passed to ``torch.compile``; ``dynamic=False`` unless given (training
+            shapes are fixed; inductor's symbolic 3D convolutions fail on CPU).
 
     Returns:
-        The number of blocks compiled.
+        The names of the compiled modules (``["net"]`` or stage names).
     """
-    count = 0
+    kwargs = {"dynamic": False, **compile_kwargs}
+    hooked = [name for name in (encoder.layer, encoder.dense_layer) if name]
+    if encoder.direct and encoder.dense_layer is None:
+        encoder.net.compile(**kwargs)
+        return ["net"]
+    done = []
     for name in _LAYERS:
-        stage = getattr(net, name, None)
-        if stage is None:
+        stage = getattr(encoder.net, name, None)
+        if stage is None or any(h == name or h.startswith(name + ".") for h in hooked):
             continue
-        for i, block in enumerate(stage):
-            path = f"{name}.{i}"
-            if skip and (skip == name or skip == path or skip.startswith(path + ".")):
-                continue
-            block.compile(**{"dynamic": False, **compile_kwargs})
-            count += 1
-    return count
+        stage.compile(**kwargs)
+        done.append(name)
+    return done
 
 
 def apply_speed_options(
@@ -162,8 +170,8 @@ def apply_speed_options(
         model: the BYOL module (its ``online_encoder`` and ``target_encoder`` are changed).
         channels_last: weights in ``channels_last_3d``/``channels_last`` memory format (the
             trainer must convert inputs too: ``create_trainer(memory_format=...)``).
-        compile: :func:`compile_blocks` on the online and the target encoder (each separately:
-            a compiled block must not be shared by a deep copy).
+        compile: :func:`compile_encoder` on the online and the target encoder (each
+            separately: a compiled module must not be shared by a deep copy).
         activation_checkpointing: :func:`enable_activation_checkpointing` on both encoders
             (the target runs without gradients, so it is never recomputed).
         spatial_dims: 2 or 3, for the memory format.
@@ -176,7 +184,7 @@ def apply_speed_options(
         model.to(memory_format=memory_format(spatial_dims))
     if compile:
         for enc in encoders:
-            compile_blocks(enc.net, skip=enc.layer)
+            compile_encoder(enc)
 
 
 class DeviceViewLoader:

@@ -27,7 +27,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 from monai.data import ThreadDataLoader
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from byol3d.data.datasets import build_dataset, check_files, drop_flat_frames
 from byol3d.data.discovery import list_images, split_train_val
@@ -49,13 +49,13 @@ from byol3d.training.engine import (
     unwrap,
 )
 from byol3d.training.handlers import (
+    BatchPreview,
     KnnMonitor,
     MetricsLogger,
     Reseed,
     TargetUpdate,
     attach_epoch_log,
     tensorboard_writer,
-    views_to_tensorboard,
 )
 from byol3d.training.optim import build_optimizer, warmup_cosine
 from byol3d.transforms.batched import collate_boxes
@@ -69,6 +69,8 @@ def process_device(device: str, seed: int) -> torch.device:
     resolved = resolve_device(device)
     if world_size() > 1 and resolved.type == "cuda":
         resolved = idist.device()  # this process's GPU
+    if resolved.type == "cuda":  # fixed shapes: let cuDNN pick each convolution's fastest kernel
+        torch.backends.cudnn.benchmark = True
     if not is_main():
         logger.setLevel(logging.WARNING)  # rank 0 speaks for the run
     torch.manual_seed(seed)
@@ -349,7 +351,7 @@ def attach_training(
     """Per-epoch reseeding of the views and the sampler; the target's EMA update."""
     Reseed(seed, [train_views]).attach(trainer)
     sampler = getattr(train_loader, "sampler", None)
-    if isinstance(sampler, DistributedSampler):
+    if hasattr(sampler, "set_epoch"):  # DistributedSampler, SeededSampler
         trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: sampler.set_epoch(e.state.epoch))
     TargetUpdate(model, base_tau=base_tau).attach(trainer)
 
@@ -371,11 +373,8 @@ def attach_logging(
     MetricsLogger(
         out / "metrics.csv", log_every=log_every, writer=writer, extra_columns=extra
     ).attach(trainer)
-    if writer is not None and views_every > 0:
-        trainer.add_event_handler(
-            Events.ITERATION_COMPLETED(every=views_every),
-            lambda e: views_to_tensorboard(writer, cfg, e),
-        )
+    if writer is not None and views_every > 0:  # rank 0 only: the writer lives there
+        BatchPreview(writer, every=views_every).attach(trainer)
     if progress and is_main():
         attach_progress_bar(trainer)
     return writer
@@ -426,14 +425,17 @@ def attach_evaluation(
     amp_dtype: torch.dtype | None,
     seed: int,
     writer,
+    memory_format: torch.memory_format | None = None,
 ) -> None:
-    """The online kNN monitor (with ``knn_csv``) and epochs.csv with the validation loss."""
-    knn = bool(knn_csv) and is_main()
+    """The online kNN monitor (with ``knn_csv``; on every rank, each embedding its share) and
+    epochs.csv with the validation loss (with the training step's autocast and memory format)."""
+    knn = bool(knn_csv)
     if knn:  # before the epoch log, which writes its result
-        KnnMonitor(unwrap(model).encoder, knn_csv, preprocess, roi_size,
-                   every=knn_every, device=device, writer=writer, channels=channels).attach(trainer)  # fmt: skip
+        KnnMonitor(unwrap(model).encoder, knn_csv, preprocess, roi_size, every=knn_every,
+                   device=device, writer=writer, channels=channels, amp_dtype=amp_dtype,
+                   memory_format=memory_format).attach(trainer)  # fmt: skip
     attach_epoch_log(trainer, model, out / "epochs.csv", val_loader, val_views, device,
-                     amp_dtype, seed, writer, knn=knn)  # fmt: skip
+                     amp_dtype, seed, writer, knn=knn, memory_format=memory_format)  # fmt: skip
 
 
 def steps_per_epoch(train_loader: DataLoader, accumulate_steps: int) -> int:

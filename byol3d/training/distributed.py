@@ -7,7 +7,7 @@ the gloo backend):
     torchrun --nproc-per-node 4 -m byol3d pretrain CONFIG           # torchrun starts them
 
 Both go through ``idist.Parallel``; inside, :func:`wrap_model` applies ``idist.auto_model``
-(DDP, optional SyncBatchNorm) and :func:`make_loader` ``idist.auto_dataloader`` with a
+(DDP, optional SyncBatchNorm) and :func:`make_loader` a DataLoader with a
 seeded ``DistributedSampler``. ``train.batch_size`` stays per process: the global batch is
 ``batch_size x world size``.
 """
@@ -24,7 +24,9 @@ import torch
 from monai.data import DataLoader
 from monai.data.utils import worker_init_fn
 from torch import nn
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler, RandomSampler, SequentialSampler
+
+from byol3d.data.datasets import SeededSampler, ViewDataset
 
 
 def world_size() -> int:
@@ -101,39 +103,37 @@ def make_loader(
 ) -> DataLoader:
     """A loader of ``batch_size`` samples per process; sharded by rank when distributed.
 
-    MONAI's ``worker_init_fn`` gives every worker its own random state for the augmentations.
-    In a distributed run the ``DistributedSampler`` is seeded with ``seed`` and needs
+    Workers persist across epochs (``persistent_workers``: no re-fork per epoch). A
+    :class:`~byol3d.data.datasets.ViewDataset` is sampled through a
+    :class:`~byol3d.data.datasets.SeededSampler`, so its views depend on the epoch's seed and
+    the index only, not on which worker drew them (other datasets get MONAI's
+    ``worker_init_fn`` seeding). In a distributed run the ``DistributedSampler`` is seeded with ``seed`` and needs
     ``loader.sampler.set_epoch(epoch)`` at each epoch start (:func:`byol3d.training.pretrain.pretrain` does it).
     ``collate_fn`` replaces MONAI's ``list_data_collate`` (e.g.
     :func:`byol3d.transforms.batched.collate_boxes`).
     """
     extra = {} if collate_fn is None else {"collate_fn": collate_fn}
-    if world_size() <= 1:
-        return DataLoader(
+    if world_size() > 1:
+        sampler = DistributedSampler(
             dataset,
-            batch_size=batch_size,
+            num_replicas=world_size(),
+            rank=idist.get_rank(),
             shuffle=shuffle,
+            seed=seed,
             drop_last=drop_last,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            **extra,
         )
-    sampler = DistributedSampler(
+    else:
+        sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
+    if isinstance(dataset, ViewDataset):
+        sampler = SeededSampler(sampler, seed=seed, rank=idist.get_rank())
+    return DataLoader(
         dataset,
-        num_replicas=world_size(),
-        rank=idist.get_rank(),
-        shuffle=shuffle,
-        seed=seed,
-        drop_last=drop_last,
-    )
-    # auto_dataloader divides batch size and workers by the world size / processes per node
-    return idist.auto_dataloader(
-        dataset,
-        batch_size=batch_size * world_size(),
+        batch_size=batch_size,
         sampler=sampler,
         drop_last=drop_last,
-        num_workers=num_workers * idist.get_nproc_per_node(),
+        num_workers=num_workers,
         pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
         worker_init_fn=worker_init_fn,
         **extra,
     )

@@ -233,10 +233,12 @@ def create_evaluator(
     device: torch.device | str = "cpu",
     amp_dtype: torch.dtype | None = None,
     view_keys: Sequence[str] = ("view1", "view2"),
+    memory_format: torch.memory_format | None = None,
 ) -> Engine:
     """An Engine computing the mean BYOL loss over a loader, in eval mode and without gradients.
 
-    ``evaluator.run(loader).metrics["loss"]`` is the mean over batches.
+    ``evaluator.run(loader).metrics["loss"]`` is the mean over batches. ``amp_dtype`` and
+    ``memory_format`` as the trainer's (``train.amp``, ``train.channels_last``).
     """
     device = torch.device(device)
     key1, key2 = view_keys
@@ -244,7 +246,7 @@ def create_evaluator(
     @torch.no_grad()
     def eval_step(engine: Engine, batch: dict) -> torch.Tensor:
         model.eval()
-        v1, v2 = _to(batch, key1, device), _to(batch, key2, device)
+        v1, v2 = _to(batch, key1, device, memory_format), _to(batch, key2, device, memory_format)
         with (
             torch.autocast(device_type=device.type, dtype=amp_dtype)
             if amp_dtype

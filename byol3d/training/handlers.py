@@ -16,8 +16,9 @@
   logged as ``knn_acc`` in ``epochs.csv`` and ``epoch/knn_acc`` in TensorBoard. A falling or
   chance-level ``knn_acc`` while the loss falls is a sign that BYOL learns something other
   than what the labels need.
-* :func:`tensorboard_writer`, :func:`views_to_tensorboard`, :func:`plot_and_summarize`:
-  TensorBoard scalars and view previews, and the plots and summary written at the end.
+* :func:`tensorboard_writer`, :class:`BatchPreview`, :func:`plot_and_summarize`:
+  TensorBoard scalars and previews of the views in hand, and the plots and summary written
+  at the end.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ import csv
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import ignite.distributed as idist
 import numpy as np
@@ -50,7 +51,7 @@ from byol3d.training.engine import (
     unwrap,
 )
 from byol3d.viz.plots import format_summary, plot_training, summarize_run
-from byol3d.viz.preview import views_figure
+from byol3d.viz.preview import draw_views
 
 logger = logging.getLogger("byol3d")
 
@@ -65,15 +66,52 @@ def tensorboard_writer(enabled: bool, log_dir: Path):
     return SummaryWriter(log_dir=str(log_dir))
 
 
-def views_to_tensorboard(writer, cfg: Mapping[str, Any], engine: Engine) -> None:
-    """Two volumes' augmented views as a TensorBoard image (a picture never fails the run)."""
+class BatchPreview:
+    """Every ``every`` iterations: the views of the batch in hand as a TensorBoard image.
 
-    try:
-        writer.add_figure(
-            "views", views_figure(cfg, n=2, seed=engine.state.iteration), engine.state.iteration
-        )
-    except Exception as err:  # noqa: BLE001
-        logger.warning("no view preview for TensorBoard: %s", err)
+    Two samples' ``view1``/``view2`` are copied to the CPU (nothing is read from disk) and the
+    figure is drawn and written in a background thread, so the training thread only pays the
+    copy. Attach it on the rank that holds the writer (rank 0); the other ranks never wait for
+    it. A picture never fails the run.
+
+    Args:
+        writer: a ``SummaryWriter``.
+        every: iterations between previews (>= 1).
+        n: samples drawn.
+        view_keys: the batch keys of the two views.
+    """
+
+    def __init__(
+        self, writer, every: int, n: int = 2, view_keys: Sequence[str] = ("view1", "view2")
+    ):
+        check_number("every", every, 1, integer=True)
+        self.writer, self.every, self.n, self.view_keys = writer, every, n, tuple(view_keys)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="byol3d-preview")
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every), self)
+        engine.add_event_handler(Events.COMPLETED, self.close)
+
+    def __call__(self, engine: Engine) -> None:
+        batch = engine.state.batch
+        try:
+            count = min(self.n, len(batch[self.view_keys[0]]))
+            samples = [{k: batch[k][i].detach().float().cpu() for k in self.view_keys} for i in range(count)]  # fmt: skip
+        except Exception as err:  # noqa: BLE001
+            logger.warning("no view preview for TensorBoard: %s", err)
+            return
+        self.pool.submit(self._draw, samples, engine.state.iteration)
+
+    def _draw(self, samples, iteration: int) -> None:
+        try:
+            fig = draw_views(samples, f"BYOL views of the training batch at iteration {iteration}")
+            self.writer.add_figure("views", fig, iteration)
+        except Exception as err:  # noqa: BLE001
+            logger.warning("no view preview for TensorBoard: %s", err)
+
+    def close(self, _engine: Engine | None = None) -> None:
+        """Wait for the last preview (before the writer is closed)."""
+        self.pool.shutdown(wait=True)
 
 
 def plot_and_summarize(out: Path) -> str | None:
@@ -99,13 +137,14 @@ def attach_epoch_log(
     seed: int,
     writer,
     knn: bool = False,
+    memory_format: torch.memory_format | None = None,
 ) -> None:
     """Per epoch: mean training loss, validation loss (fixed augmentations), wall time -> epochs.csv.
 
     Without a validation set (``data.val_fraction: 0``) the epoch line and TensorBoard carry no
     validation loss, and its ``epochs.csv`` column is NaN."""
     evaluator = (
-        create_evaluator(model, device=device, amp_dtype=amp_dtype)
+        create_evaluator(model, device=device, amp_dtype=amp_dtype, memory_format=memory_format)
         if val_loader is not None
         else None
     )
@@ -332,6 +371,12 @@ class KnnMonitor:
         k: neighbours.
         device: where the encoder lives.
         writer: an optional TensorBoard ``SummaryWriter``.
+        amp_dtype, memory_format: the training step's autocast dtype and memory format.
+
+    Under DDP every rank attaches it and embeds its share of the volumes (rows ``rank``,
+    ``rank + world``, ...; each rank preprocesses and keeps only its share), the embeddings
+    are gathered, and every rank computes the same accuracy: the monitor takes 1/world of
+    the time and no rank waits at the next collective for one rank's whole pass.
     """
 
     def __init__(
@@ -345,8 +390,11 @@ class KnnMonitor:
         device: torch.device | str = "cpu",
         writer=None,
         channels: Sequence[str] | None = None,
+        amp_dtype: torch.dtype | None = None,
+        memory_format: torch.memory_format | None = None,
     ) -> None:
         check_number("every", every, 1, integer=True)
+        self.amp_dtype, self.memory_format = amp_dtype, memory_format
         self.rows = read_image_list(csv_path, require_label=True, channels=channels)
         self.encoder, self.preprocess, self.roi_size = encoder, preprocess, tuple(roi_size)
         self.every, self.k, self.device, self.writer = every, k, torch.device(device), writer
@@ -358,12 +406,28 @@ class KnnMonitor:
     def accuracy(self) -> float:
         """Embed the labelled volumes with the current weights and return the LOO kNN accuracy."""
 
+        rank, world = idist.get_rank(), world_size()
+        mine = self.rows[rank::world] or self.rows[:1]  # a spare row keeps shapes equal
         if self._images is None:
-            self._images = [self.preprocess({"image": r["image"]})["image"] for r in self.rows]
-        feats = extract_features(
-            self.encoder, self._images, roi_size=self.roi_size, overlap=0.0, device=self.device
+            self._images = [self.preprocess({"image": r["image"]})["image"] for r in mine]
+        feats = torch.from_numpy(
+            extract_features(
+                self.encoder,
+                self._images,
+                roi_size=self.roi_size,
+                overlap=0.0,
+                device=self.device,
+                amp_dtype=self.amp_dtype,
+                memory_format=self.memory_format,
+            )  # fmt: skip
         )
-        return loo_knn_accuracy(torch.from_numpy(feats), [r["label"] for r in self.rows], self.k)
+        if world > 1:
+            per = -(-len(self.rows) // world)
+            padded = torch.zeros(per, feats.shape[1])
+            padded[: len(feats)] = feats[:per]
+            gathered = idist.all_gather(padded.to(self.device)).cpu()
+            feats = unshard(gathered, len(self.rows), world)
+        return loo_knn_accuracy(feats, [r["label"] for r in self.rows], self.k)
 
     def __call__(self, engine: Engine) -> None:
         acc = self.accuracy()
@@ -371,3 +435,14 @@ class KnnMonitor:
         if self.writer is not None:
             self.writer.add_scalar("epoch/knn_acc", acc, engine.state.iteration)
         logger.info("epoch %d: kNN accuracy %.3f on %d labelled volumes", engine.state.epoch, acc, len(self.rows))  # fmt: skip
+
+
+def unshard(gathered: torch.Tensor, n: int, world: int) -> torch.Tensor:
+    """Rows ``0..n-1`` in order from ``world`` equal blocks, block r holding rows r, r + world, ...
+
+    >>> unshard(torch.tensor([[0.], [2.], [1.], [9.]]), n=3, world=2).flatten().tolist()
+    [0.0, 1.0, 2.0]
+    """
+    per = gathered.shape[0] // world
+    order = [r * per + j for i in range(n) for r, j in [(i % world, i // world)]]
+    return gathered[order]

@@ -110,12 +110,18 @@ class LARS(torch.optim.Optimizer):
 def build_optimizer(
     model: nn.Module, name: str, lr: float, weight_decay: float = 0.0, momentum: float = 0.9
 ) -> torch.optim.Optimizer:
-    """AdamW, SGD (Nesterov-free, with momentum) or LARS over :func:`param_groups` of ``model``."""
+    """AdamW, SGD (Nesterov-free, with momentum) or LARS over :func:`param_groups` of ``model``.
+
+    AdamW is the fused (one kernel for all parameters) implementation when every parameter
+    lives on a CUDA device; elsewhere PyTorch's default (``foreach``).
+    """
     groups = param_groups(model, weight_decay)
     if name == "adamw":
         for g in groups:
             g.pop("lars_exclude")
-        return torch.optim.AdamW(groups, lr=lr)
+        params = [p for g in groups for p in g["params"]]
+        fused = bool(params) and all(p.is_cuda for p in params)
+        return torch.optim.AdamW(groups, lr=lr, **({"fused": True} if fused else {}))
     if name == "sgd":
         for g in groups:
             g.pop("lars_exclude")

@@ -127,7 +127,8 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
     # the kNN monitor sees what evaluation sees: the views' input without the augmentations
     attach_evaluation(trainer, model, out, val_loader, val_views, preprocess=build_eval_transform(cfg),
                       roi_size=roi, knn_csv=train["knn_csv"], knn_every=train["knn_every"], channels=data["channels"],
-                      device=device, amp_dtype=amp_dtype, seed=seed, writer=writer)  # fmt: skip
+                      device=device, amp_dtype=amp_dtype, seed=seed, writer=writer,
+                      memory_format=memory_format(data["spatial_dims"]) if channels_last else None)  # fmt: skip
     to_save = training_state(model, optimizer, lr_scheduler, trainer, scaler, cfg)
     attach_checkpointing(trainer, to_save, out, checkpoint_every=train["checkpoint_every"],
                          keep_checkpoints=train["keep_checkpoints"])  # fmt: skip

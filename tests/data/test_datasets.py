@@ -237,3 +237,32 @@ def test_partial_ram_cache_estimates_only_the_cached_volumes(tmp_path):
     assert ds.cache_bytes == 2 * 16**3 * 4
     assert sum(item is not None for item in ds.data._cache) == 2
     assert ds[3]["view1"].shape == (1, *ROI)  # uncached items are preprocessed on the fly
+
+
+def test_views_follow_the_epoch_seed_and_index_whatever_the_workers():
+    from byol3d.data.datasets import ViewDataset
+    from byol3d.training.distributed import make_loader
+    from byol3d.transforms.batched import BoxViewsd, collate_boxes
+
+    base = [{"image": torch.rand(1, 24, 22, 20, generator=torch.Generator().manual_seed(i))} for i in range(6)]  # fmt: skip
+    ds = ViewDataset(base, BoxViewsd(roi_size=(16, 16, 16)))
+
+    def epochs(loader, seeds):
+        out = []
+        for s in seeds:
+            loader.sampler.set_epoch(s)  # what the trainer does at each epoch start
+            out.append([(b["view1_box"], b["view2_sigma"]) for b in loader])
+        return out
+
+    kwargs = dict(
+        batch_size=2, shuffle=True, drop_last=False, pin_memory=False, collate_fn=collate_boxes
+    )
+    single = epochs(make_loader(ds, num_workers=0, **kwargs), [1, 2])
+    workers = make_loader(ds, num_workers=2, **kwargs)
+    assert workers.persistent_workers
+    persistent = epochs(workers, [1, 2])
+    resumed = epochs(make_loader(ds, num_workers=2, **kwargs), [2])  # a fresh loader at epoch 2
+    for a, b in zip(single + single[1:], persistent + resumed):
+        for (box_a, sig_a), (box_b, sig_b) in zip(a, b, strict=True):
+            assert torch.equal(box_a, box_b) and torch.equal(sig_a, sig_b)
+    assert not torch.equal(single[0][0][0], single[1][0][0])  # epochs differ

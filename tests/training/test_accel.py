@@ -9,7 +9,7 @@ from byol3d import BYOL, build_encoder
 from byol3d.training.accel import (
     CheckpointedSequential,
     apply_speed_options,
-    compile_blocks,
+    compile_encoder,
     device_views,
     enable_activation_checkpointing,
     memory_format,
@@ -139,11 +139,35 @@ def test_compiled_blocks_give_the_same_loss():
     torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
 
 
-def test_compile_skips_the_block_holding_the_representation_layer():
-    net = build_encoder("resnet10")
-    assert compile_blocks(net, skip="layer4.0") == 3  # resnet10: one block per stage
-    assert getattr(net.layer4[0], "_compiled_call_impl", None) is None
-    assert net.layer1[0]._compiled_call_impl is not None
+def test_compile_makes_one_graph_per_network_and_mode_without_breaks_or_recompiles():
+    from torch._dynamo.utils import counters
+
+    model = tiny_byol()
+    assert model.online_encoder.direct and model.target_encoder.direct  # avgpool: no hook
+    torch._dynamo.reset()
+    counters.clear()
+    for enc in (model.online_encoder, model.target_encoder):
+        assert compile_encoder(enc, backend="eager") == ["net"]
+    v1, v2 = views()
+    model(v1, v2).backward()
+    first = counters["stats"]["unique_graphs"]
+    assert first == 2  # the online encoder (with grad) and the target (no grad)
+    model(v2, v1).backward()  # the same shapes again: nothing is traced again
+    assert counters["stats"]["unique_graphs"] == first and "graph_break" not in counters
+    assert sum(counters["frames"].values()) == 2 * first  # 'total' and 'ok' of 2 frames
+
+
+def test_compile_with_hooks_compiles_only_the_stages_without_a_hooked_layer():
+    torch.manual_seed(0)
+    enc = build_encoder("resnet10")
+    model = BYOL(enc, (1, 32, 32, 32), hidden_layer="layer3", hidden_dim=32, projection_dim=8)
+    assert not model.online_encoder.direct
+    assert compile_encoder(model.online_encoder, backend="eager") == ["layer1", "layer2", "layer4"]
+    assert getattr(enc.layer3, "_compiled_call_impl", None) is None
+    # layer4 averaged is the network's output: no hook needed, the whole forward compiles
+    torch.manual_seed(0)
+    model = BYOL(build_encoder("resnet10"), (1, 32, 32, 32), hidden_layer="layer4", hidden_dim=32, projection_dim=8)  # fmt: skip
+    assert model.online_encoder.direct
 
 
 def test_views_share_the_source_and_never_modify_it():

@@ -5,7 +5,7 @@ import csv
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Events
+from ignite.engine import Engine, Events
 from torch import nn
 
 from byol3d import BYOL, cosine_tau
@@ -250,3 +250,33 @@ def test_epoch_line_without_validation_set_has_no_val_loss(tmp_path, caplog):
         trainer.run(batches(2), max_epochs=1)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 1:")]
     assert len(lines) == 1 and "val" not in lines[0] and "nan" not in lines[0]
+
+
+def test_knn_shards_are_put_back_in_row_order():
+    from byol3d.training.handlers import unshard
+
+    n, world = 7, 3
+    per = -(-n // world)
+    blocks = []
+    for r in range(world):
+        rows = [float(i) for i in range(r, n, world)]
+        blocks += rows + [-1.0] * (per - len(rows))  # padding rows are dropped
+    out = unshard(torch.tensor(blocks)[:, None], n, world)
+    assert out.flatten().tolist() == [float(i) for i in range(n)]
+
+
+def test_batch_preview_draws_the_views_in_hand_off_the_training_thread():
+    from byol3d.training.handlers import BatchPreview
+
+    class Writer:
+        def __init__(self):
+            self.calls = []
+
+        def add_figure(self, tag, fig, step):
+            self.calls.append((tag, step, len(fig.byol3d_panels)))
+
+    writer, v = Writer(), torch.rand(3, 1, 32, 32, 32)
+    engine = Engine(lambda e, b: None)
+    BatchPreview(writer, every=2).attach(engine)
+    engine.run([{"view1": v, "view2": v}] * 4, max_epochs=1)
+    assert writer.calls == [("views", 2, 2), ("views", 4, 2)]  # two samples per picture
