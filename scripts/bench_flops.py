@@ -45,8 +45,16 @@ def step_flops(model, v1: torch.Tensor, v2: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def largest_conv(net: nn.Module, x: torch.Tensor) -> tuple[nn.Module, torch.Size, int]:
-    """The convolution of ``net`` with the most forward FLOPs on input ``x``: (module, input shape, FLOPs)."""
+def largest_conv(
+    net: nn.Module, x: torch.Tensor, min_in_channels: int = 64
+) -> tuple[nn.Module, torch.Size, int]:
+    """The convolution with the most forward FLOPs on input ``x`` among those with at least
+    ``min_in_channels`` input channels: (module, input shape, FLOPs).
+
+    At 128^3 the 1-channel 7^3 stem has the most FLOPs, but it maps poorly onto tensor cores
+    (one input channel); the roof is the best a real body convolution reaches. When no
+    convolution has that many input channels, the largest of all is taken.
+    """
     found = []
 
     def hook(m, inp, out):
@@ -67,7 +75,8 @@ def largest_conv(net: nn.Module, x: torch.Tensor) -> tuple[nn.Module, torch.Size
     finally:
         for h in handles:
             h.remove()
-    flops, module, shape = max(found, key=lambda f: f[0])
+    wide = [f for f in found if f[1].in_channels >= min_in_channels] or found
+    flops, module, shape = max(wide, key=lambda f: f[0])
     return module, shape, flops
 
 

@@ -49,6 +49,7 @@ from bench_steps import (  # noqa: E402
     lightly_loop,
     make_batches,
 )
+from bench_views import paired_ratio, run_end_to_end, run_view_cost_benchmark  # noqa: E402
 
 from byol3d.training.accel import apply_speed_options, memory_format, resolve_channels_last
 from byol3d.training.engine import resolve_amp
@@ -71,6 +72,16 @@ PRESETS = {
             num_workers=0,
             epochs=2,
         ),
+        views=dict(shape=(48, 44, 40), rois=(32,), batch=2, repeats=2),
+        e2e=dict(
+            encoder="resnet10",
+            size=32,
+            shape=(40, 40, 36),
+            n_volumes=4,
+            batch=2,
+            workers=0,
+            repeats=2,
+        ),  # fmt: skip
     ),
     "quick": dict(
         d3=("resnet10", 48, 4),
@@ -88,6 +99,16 @@ PRESETS = {
             num_workers=2,
             epochs=3,
         ),
+        views=dict(shape=(240, 170, 300), rois=(96, 128), batch=4, repeats=3),
+        e2e=dict(
+            encoder="resnet10",
+            size=64,
+            shape=(160, 140, 120),
+            n_volumes=8,
+            batch=4,
+            workers=2,
+            repeats=3,
+        ),  # fmt: skip
     ),
     "full": dict(
         d3=("resnet50", 128, 8),
@@ -105,6 +126,16 @@ PRESETS = {
             num_workers=min(8, os.cpu_count() or 1),
             epochs=3,
         ),
+        views=dict(shape=(240, 170, 300), rois=(96, 128), batch=8, repeats=5),
+        e2e=dict(
+            encoder="resnet50",
+            size=128,
+            shape=(240, 170, 300),
+            n_volumes=64,
+            batch=8,
+            workers=min(8, os.cpu_count() or 1),
+            repeats=3,
+        ),  # fmt: skip
     ),
 }
 
@@ -229,6 +260,25 @@ def flop_rows(setup, amp, mem, log) -> dict:
     }
 
 
+def _paired(rows, a, b) -> dict:
+    """Samples/s of ``a`` over ``b``, paired per repeat (the same batches, sides alternating):
+    geometric mean of ``t_b / t_a`` over repeats with a 95% interval."""
+    ta = next((r.get("seconds_per_step") for r in rows if r["name"] == a), None)
+    tb = next((r.get("seconds_per_step") for r in rows if r["name"] == b), None)
+    if not ta or not tb:
+        return {"ratio": None, "ci": None, "n": 0}
+    return paired_ratio(tb, ta)
+
+
+def _views_ratio(rows, side: str) -> dict:
+    """Today's per-sample CPU time over ``side``'s at the largest roi measured (128^3 in full
+    and quick runs)."""
+    views = [r for r in rows if r["section"] == "views" and r["name"] == side]
+    if not views:
+        return {"ratio": None, "ci": None, "n": 0}
+    return max(views, key=lambda r: r["roi"])["vs_monai"]
+
+
 def _ratio(rows, a, b, key="samples_per_s", inverse=False):
     va = next((r.get(key) for r in rows if r["name"] == a), None)
     vb = next((r.get(key) for r in rows if r["name"] == b), None)
@@ -250,7 +300,11 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--compile", action="store_true", help="also time train.compile (slow to build)"
     )
-    ap.add_argument("--skip-data", action="store_true", help="skip the data-pipeline benchmark")
+    ap.add_argument("--skip-data", action="store_true", help="skip the file-based data benchmark")
+    ap.add_argument("--skip-views", action="store_true", help="skip the view-path CPU costs")
+    ap.add_argument(
+        "--skip-e2e", action="store_true", help="skip the end-to-end loader-to-step rows"
+    )
     ap.add_argument("--no-switches", action="store_true", help="skip the speed-switch rows")
     args = ap.parse_args(argv)
     preset = PRESETS["tiny" if args.tiny else "quick" if args.quick else "full"]
@@ -343,12 +397,30 @@ def main(argv=None) -> dict:
             **preset["data"], peak_rss=PeakMemory(torch.device("cpu")), log=log
         )
 
+    paired = {
+        "step_vs_lightly_matched": _paired(rows, "byol3d_fp32", "lightly"),
+        "step_vs_lightly_defaults": _paired(rows, "byol3d_defaults", "lightly"),
+        "step_vs_byol_pytorch_matched": _paired(rows, "byol3d_2d_fp32", "byol_pytorch_2d"),
+        "step_vs_byol_pytorch_defaults": _paired(rows, "byol3d_2d_defaults", "byol_pytorch_2d"),
+        "overhead_vs_bare": _paired(rows, "bare_defaults", "byol3d_defaults"),
+    }
+    if not args.skip_views:
+        v = preset["views"]
+        rows += run_view_cost_benchmark(v["shape"], v["rois"], v["batch"], v["repeats"], log)
+        paired["data_cpu_time_vs_monai_device_views"] = _views_ratio(rows, "batched_device_views")
+        paired["data_cpu_time_vs_monai_cpu_views"] = _views_ratio(rows, "batched_cpu_views")
+    if not args.skip_e2e:
+        e = preset["e2e"]
+        setup_e = StepSetup(3, e["encoder"], e["size"], e["batch"], 1, device, hidden, proj)
+        log(
+            f"end to end: {e['encoder']} at {e['size']}^3, batch {e['batch']}, {e['workers']} workers"
+        )
+        e2e_rows, e2e_ratios = run_end_to_end(setup_e, e["shape"], e["n_volumes"], e["batch"],
+                                              e["workers"], e["repeats"], has_lightly, log)  # fmt: skip
+        rows += e2e_rows
+        paired.update(e2e_ratios)
     ratios = {
-        "step_vs_lightly_matched": _ratio(rows, "byol3d_fp32", "lightly"),
-        "step_vs_lightly_defaults": _ratio(rows, "byol3d_defaults", "lightly"),
-        "step_vs_byol_pytorch_matched": _ratio(rows, "byol3d_2d_fp32", "byol_pytorch_2d"),
-        "step_vs_byol_pytorch_defaults": _ratio(rows, "byol3d_2d_defaults", "byol_pytorch_2d"),
-        "overhead_vs_bare": _ratio(rows, "bare_defaults", "byol3d_defaults"),
+        **{k: v["ratio"] for k, v in paired.items()},
         "data_later_epoch_vs_monai": _ratio(
             rows, "byol3d_cache", "monai_dataset", "volumes_per_s_later_epoch"
         ),
@@ -368,6 +440,7 @@ def main(argv=None) -> dict:
         "machine": _machine(device),
         "versions": _versions(),
         "ratios": ratios,
+        "intervals": {k: v["ci"] for k, v in paired.items()},
         "flops": flops,
         "rows": rows,
     }
@@ -478,6 +551,30 @@ def to_markdown(result: dict) -> str:
                 f"| {r['name']} | {_fmt(r['volumes_per_s_first_epoch'])} | "
                 f"{_fmt(r['volumes_per_s_later_epoch'])} | {secs} | {_fmt(r['peak_mem_mib'], '.0f')} |"
             )
+    views = [r for r in rows if r["section"] == "views"]
+    if views:
+        lines += [
+            "",
+            "| view path (CPU, one thread) | roi | CPU ms per sample (two views) | monai / this, paired [95% CI] |",
+            "|---|---|---|---|",
+        ]
+        for r in views:
+            p = r["vs_monai"]
+            ci = f" [{p['ci'][0]:.2f}-{p['ci'][1]:.2f}]" if p["ci"] else ""
+            lines.append(
+                f"| {r['name']} | {r['roi']}^3 | {r['cpu_ms_per_sample']:.1f} | {_fmt(p['ratio'])}{ci} |"
+            )
+    e2e = [r for r in rows if r["section"] == "end_to_end"]
+    if e2e:
+        lines += [
+            "",
+            "| end to end | setting | encoder, input, batch, workers | samples/s median |",
+            "|---|---|---|---|",
+        ]
+        for r in e2e:
+            lines.append(
+                f"| {r['name']} | {r['setting']} | {r['encoder']}, {r['size']}^3, {r['batch']}, {r['num_workers']} | {_fmt(r['samples_per_s'])} |"
+            )
     f = result["flops"]
     lines += [
         "",
@@ -485,10 +582,12 @@ def to_markdown(result: dict) -> str:
         f"{f['largest_conv']} on {f['largest_conv_input']}: roof {f['roof_tflops']:.3f} TFLOP/s; "
         f"bf16 dense peak of {f['device_name']}: {f['bf16_dense_peak_tflops'] or 'unknown'}",
         "",
-        "| ratio | value |",
-        "|---|---|",
+        "| ratio | value | 95% CI (paired over repeats) |",
+        "|---|---|---|",
     ]
-    lines += [f"| {k} | {_fmt(v, '.3f')} |" for k, v in result["ratios"].items()]
+    for k, v in result["ratios"].items():
+        ci = result.get("intervals", {}).get(k)
+        lines.append(f"| {k} | {_fmt(v, '.3f')} | {f'{ci[0]:.3f}-{ci[1]:.3f}' if ci else '-'} |")
     return "\n".join(lines) + "\n"
 
 

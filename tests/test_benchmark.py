@@ -16,6 +16,10 @@ RATIO_KEYS = {
     "step_vs_byol_pytorch_matched",
     "overhead_vs_bare",
     "data_later_epoch_vs_monai",
+    "data_cpu_time_vs_monai_device_views",
+    "data_cpu_time_vs_monai_cpu_views",
+    "end_to_end_vs_monai_lightly",
+    "end_to_end_vs_step_only",
 }
 
 
@@ -44,9 +48,27 @@ def test_tiny_benchmark_writes_the_json_contract(tmp_path):
         assert rows[name]["status"] == "ok"
         assert rows[name]["samples_per_s"] > 0 and rows[name]["peak_mem_mib"] > 0
         assert rows[name]["batch"] == 2
-    # the ratios are the rows' quotients, rounded
-    expect = rows["bare_defaults"]["samples_per_s"] / rows["byol3d_defaults"]["samples_per_s"]
+    # step ratios are paired per repeat: the geometric mean of the per-repeat time quotients
+    pairs = zip(
+        rows["byol3d_defaults"]["seconds_per_step"], rows["bare_defaults"]["seconds_per_step"]
+    )
+    expect = math.exp(
+        sum(math.log(a / b) for a, b in pairs) / len(rows["bare_defaults"]["seconds_per_step"])
+    )
     assert math.isclose(result["ratios"]["overhead_vs_bare"], expect, rel_tol=1e-3)
+    # view-path CPU costs: today's per-sample time over the batched path's, paired per repeat
+    views = {(r["name"], r["roi"]): r for r in result["rows"] if r["section"] == "views"}
+    cpu = views[("batched_cpu_views", 32)]
+    monai = views[("monai_views", 32)]
+    assert len(cpu["cpu_s_per_sample"]) == 2 and cpu["cpu_ms_per_sample"] > 0
+    pairs = list(zip(monai["cpu_s_per_sample"], cpu["cpu_s_per_sample"]))
+    expect = math.exp(sum(math.log(a / b) for a, b in pairs) / len(pairs))
+    assert math.isclose(result["ratios"]["data_cpu_time_vs_monai_cpu_views"], expect, rel_tol=1e-3)
+    lo, hi = result["intervals"]["data_cpu_time_vs_monai_cpu_views"]
+    assert lo <= result["ratios"]["data_cpu_time_vs_monai_cpu_views"] <= hi
+    e2e = {r["name"]: r for r in result["rows"] if r["section"] == "end_to_end"}
+    assert {"byol3d_end_to_end", "monai_tutorial_end_to_end", "byol3d_step_only"} <= set(e2e)
+    assert all(r["samples_per_s"] > 0 for r in e2e.values())
     data = rows["byol3d_cache"]
     assert len(data["epoch_seconds"]) == 2 and data["volumes_per_s_later_epoch"] > 0
     expect = data["volumes_per_s_later_epoch"] / rows["monai_dataset"]["volumes_per_s_later_epoch"]
@@ -64,3 +86,4 @@ def test_tiny_benchmark_writes_the_json_contract(tmp_path):
     assert result["flops"]["step_flops"] > 1e9 and result["flops"]["roof_tflops"] > 0
     text = md.read_text()
     assert "| overhead_vs_bare |" in text and "| byol3d_cache |" in text
+    assert "| batched_device_views | 32^3 |" in text and "| byol3d_end_to_end |" in text

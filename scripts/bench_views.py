@@ -1,0 +1,187 @@
+"""View-path part of scripts/benchmark.py: CPU time of the views, and loader-to-step throughput.
+
+1. **CPU time per sample of two views** (:func:`run_view_cost_benchmark`), on one in-memory
+   preprocessed volume (float32, as the RAM cache holds it), at each ``roi_size``, in this
+   thread only (``torch.set_num_threads(1)``, ``time.thread_time``: the CPU seconds of the
+   work itself, whatever else runs on the machine):
+
+   * ``monai_views``: today's per-sample pipeline, :func:`byol3d.transforms.ct.view_transforms`;
+   * ``batched_device_views``: the CPU part of ``transforms.views: batched`` on a GPU: drawing
+     and slicing the boxes (:class:`~byol3d.transforms.batched.BoxViewsd`), collating, and on
+     a CUDA machine pinning the patches; the views are made on the device;
+   * ``batched_cpu_views``: the all-CPU fallback: the same, plus
+     :func:`~byol3d.transforms.batched_ops.make_views` on the CPU.
+
+   Each repeat times every side on the same number of samples, sides alternating; the ratio
+   is paired per repeat (monai time over the side's) and reported as a geometric mean with a
+   95% t interval over repeats.
+
+2. **End to end, loader to step** (:func:`run_end_to_end`): byol3d (``ViewDataset`` of the
+   preprocessed volumes with batched views through :func:`byol3d.training.distributed.make_loader`,
+   made in the workers on a CPU or by ``DeviceViewLoader`` on a GPU, feeding byol3d's Ignite
+   trainer) against a MONAI-tutorial-style pipeline (``monai.data.Dataset`` with the per-sample
+   view transforms and a ``monai.data.DataLoader``) feeding lightly's BYOL loop (byol3d's bare
+   loop of the same work where lightly is not installed); same volumes, model, batch size and
+   worker count; samples/s over one pass of each loader per repeat, sides alternating. And the
+   step alone on in-memory batches, for the end-to-end vs step-only ratio.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from byol3d.data.datasets import ViewDataset
+from byol3d.evaluation.stats import paired_difference
+from byol3d.training.accel import DeviceViewLoader
+from byol3d.training.distributed import make_loader
+from byol3d.transforms.batched import BoxViewsd, collate_boxes
+from byol3d.transforms.batched_ops import MakeViewsCollate
+from byol3d.transforms.ct import view_transforms
+
+
+def paired_ratio(numerators, denominators) -> dict:
+    """Geometric mean of per-repeat ratios with a 95% t interval: ``{"ratio", "ci", "n"}``."""
+    a = [math.log(x) for x in numerators]
+    b = [math.log(x) for x in denominators]
+    if len(a) < 2:
+        r = math.exp(a[0] - b[0]) if a else None
+        return {"ratio": r and round(r, 4), "ci": None, "n": len(a)}
+    d = paired_difference(a, b)
+    return {
+        "ratio": round(math.exp(d.mean_difference), 4),
+        "ci": [round(math.exp(d.ci_low), 4), round(math.exp(d.ci_high), 4)],
+        "n": len(a),
+    }
+
+
+def _volume(shape, seed=0) -> torch.Tensor:
+    """A smooth float32 volume in [0, 1] (the costs do not depend on the content)."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 1, *[max(2, s // 8) for s in shape], generator=g)
+    return torch.nn.functional.interpolate(coarse, size=shape, mode="trilinear")[0]
+
+
+def _cpu_seconds(fn) -> float:
+    start = time.thread_time()
+    fn()
+    return time.thread_time() - start
+
+
+def _sides(roi, image, batch):
+    monai = view_transforms(roi_size=roi)
+    draw = BoxViewsd(roi_size=roi)
+    make = MakeViewsCollate(roi)
+    pin = torch.cuda.is_available()
+
+    def monai_views():
+        for _ in range(batch):
+            monai({"image": image})
+
+    def device_views():
+        out = collate_boxes([draw({"image": image}) for _ in range(batch)])
+        if pin:  # what the DataLoader's pin_memory thread does on a GPU machine
+            out = {k: [p.pin_memory() for p in v] if isinstance(v, list) else v for k, v in out.items()}  # fmt: skip
+        return out
+
+    def cpu_views():
+        return make([draw({"image": image}) for _ in range(batch)])
+
+    for t in (monai, draw):
+        t.set_random_state(seed=0)
+    return {"monai_views": monai_views, "batched_device_views": device_views,
+            "batched_cpu_views": cpu_views}  # fmt: skip
+
+
+def run_view_cost_benchmark(shape, rois, batch: int, repeats: int, log=print) -> list[dict]:
+    """CPU ms per sample (two views) of each side at each roi; paired ratios vs monai."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        image = _volume(shape)
+        for roi in rois:
+            roi = (roi,) * 3
+            sides = _sides(roi, image, batch)
+            for fn in sides.values():
+                fn()  # warm-up
+            times = {name: [] for name in sides}
+            for r in range(repeats):
+                order = list(sides) if r % 2 == 0 else list(reversed(sides))
+                for name in order:
+                    times[name].append(_cpu_seconds(sides[name]) / batch)
+                log(f"views {roi[0]}^3 repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in order))  # fmt: skip
+            for name, secs in times.items():
+                pair = paired_ratio(times["monai_views"], secs)
+                rows.append({"section": "views", "name": name, "roi": roi[0], "volume": list(shape),
+                             "batch": batch, "cpu_ms_per_sample": 1e3 * float(np.median(secs)),
+                             "cpu_s_per_sample": secs, "vs_monai": pair})  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def _e2e_sides(setup, volumes, batch: int, workers: int, has_lightly: bool):
+    from bench_steps import byol3d_bare, byol3d_engine, lightly_loop
+    from monai.data import DataLoader, Dataset
+
+    roi = (setup.size,) * 3
+    device = setup.device
+    rows = [{"image": v} for v in volumes]
+    ds = ViewDataset(rows, BoxViewsd(roi_size=roi))
+    on_gpu = device.type == "cuda"
+    collate = collate_boxes if on_gpu else MakeViewsCollate(roi)
+    ours = make_loader(ds, batch, shuffle=True, drop_last=True, num_workers=workers,
+                       pin_memory=on_gpu, collate_fn=collate)  # fmt: skip
+    if on_gpu:
+        ours = DeviceViewLoader(ours, roi, device)
+    tutorial = DataLoader(Dataset(rows, transform=view_transforms(roi_size=roi)), batch_size=batch,
+                          shuffle=True, drop_last=True, num_workers=workers, pin_memory=on_gpu)  # fmt: skip
+    engine, _ = byol3d_engine(setup, "auto", on_gpu)
+    peer, _ = lightly_loop(setup) if has_lightly else byol3d_bare(setup, "none", False)
+    peer_name = "lightly loop" if has_lightly else "byol3d bare loop (lightly not installed)"
+    return {"byol3d_end_to_end": (engine, ours, "byol3d batched views + Ignite trainer"),
+            "monai_tutorial_end_to_end": (peer, tutorial, f"monai Dataset + per-sample views + DataLoader -> {peer_name}")}, engine  # fmt: skip
+
+
+def run_end_to_end(setup, shape, n_volumes, batch, workers, repeats, has_lightly, log=print):
+    """Samples/s from loader to step for byol3d and the MONAI-tutorial pipeline; step only."""
+    from bench_steps import make_batches
+
+    volumes = [_volume(shape, seed=i) for i in range(n_volumes)]
+    sides, engine = _e2e_sides(setup, volumes, batch, workers, has_lightly)
+    steps = n_volumes // batch
+    in_memory = make_batches(setup, steps)
+    runs = {name: (lambda fn=fn, data=data: fn(data)) for name, (fn, data, _) in sides.items()}
+    runs["byol3d_step_only"] = lambda: engine(in_memory)
+    for run in runs.values():
+        run()  # warm-up: workers, allocator, kernels
+    times = {name: [] for name in runs}
+    for r in range(repeats):
+        order = list(runs) if r % 2 == 0 else list(reversed(runs))
+        for name in order:
+            t = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - t)
+        log(f"end to end repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {steps * batch / times[n][-1]:.2f}/s" for n in order))  # fmt: skip
+    rows = []
+    setting = {name: about for name, (_, _, about) in sides.items()}
+    setting["byol3d_step_only"] = "byol3d Ignite trainer on batches already in memory"
+    for name, secs in times.items():
+        per_s = [steps * batch / s for s in secs]
+        rows.append({"section": "end_to_end", "name": name, "setting": setting[name],
+                     "encoder": setup.encoder, "size": setup.size, "batch": batch,
+                     "num_workers": workers, "volume": list(shape), "device": str(setup.device),
+                     "samples_per_s": float(np.median(per_s)), "seconds": secs})  # fmt: skip
+    ratios = {
+        "end_to_end_vs_monai_lightly": paired_ratio(
+            times["monai_tutorial_end_to_end"], times["byol3d_end_to_end"]
+        ),  # fmt: skip
+        "end_to_end_vs_step_only": paired_ratio(
+            times["byol3d_step_only"], times["byol3d_end_to_end"]
+        ),  # fmt: skip
+    }
+    return rows, ratios
