@@ -3,6 +3,7 @@
     byol3d pretrain CONFIG [KEY=VALUE ...]     pretrain (or resume) as configured
     byol3d demo-data OUT_DIR [--n 16]          write synthetic CT phantoms (NIfTI, HU)
     byol3d demo-data OUT_DIR --kind endoscopy  write synthetic endoscopy frames (PNG) + frames.csv
+    byol3d preprocess CONFIG [KEY=VALUE ...]   preprocess every volume once into the store (data.cache: store)
     byol3d stats CONFIG [KEY=VALUE ...]        per-channel mean/std of the data, for transforms.mean/std
     byol3d extract-frames VIDEOS OUT --every N every N-th frame of each video as JPEG (PyAV)
     byol3d preview CONFIG [KEY=VALUE ...]      the two augmented views of a few volumes (PNG)
@@ -37,7 +38,7 @@ from byol3d.evaluation.features import extract_to_folder
 from byol3d.evaluation.probe import evaluate_run, format_report
 from byol3d.training.distributed import is_main, launch, wants_distributed
 from byol3d.training.pretrain import pretrain
-from byol3d.transforms import config_mean_std
+from byol3d.transforms import config_mean_std, preprocess_store
 from byol3d.viz.plots import format_summary, plot_training, summarize_run
 from byol3d.viz.preview import preview_views
 
@@ -135,6 +136,15 @@ def _add_data_commands(sub) -> None:
         "--ext", choices=("jpg", "png"), default="jpg", help="image format (default jpg)"
     )
     x.add_argument("--max-frames", type=int, default=None, help="at most this many per video")
+    pre = sub.add_parser(
+        "preprocess",
+        help="preprocess every image once into the store that data.cache=store trains from",
+    )
+    pre.add_argument("config", help="YAML config, as for pretrain")
+    pre.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
+    pre.add_argument("--workers", type=int, default=None, help="processes (default data.num_workers)")  # fmt: skip
+    pre.add_argument("--hash", action="store_true", help="also record and check each source's SHA-256")  # fmt: skip
+    pre.add_argument("--quiet", action="store_true", help="only warnings and errors")
     st = sub.add_parser(
         "stats", help="per-channel mean/std of the configured data (for transforms.mean/std)"
     )
@@ -288,6 +298,29 @@ def _stats(args: argparse.Namespace) -> None:
     )
 
 
+def _preprocess(args: argparse.Namespace) -> None:
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        report = preprocess_store(cfg, workers=args.workers, hash_sources=args.hash,
+                                  progress=not args.quiet)  # fmt: skip
+    except ValueError as err:  # --workers < 0
+        raise Byol3dError(str(err)) from err
+    store = report.store
+    print(
+        f"byol3d: store {store.folder}: {len(store)} volumes ({report.written} written, "
+        f"{report.kept} kept) in {report.seconds:.1f} s, {store.nbytes() / 2**20:.1f} MiB"
+    )
+    if report.bad:
+        print(f"  {len(report.bad)} unusable files skipped (listed in {store.folder / 'manifest.json'})")  # fmt: skip
+    if cfg["data"]["cache"] != "store":
+        folder = "" if cfg["data"]["cache_dir"] else f" data.cache_dir={store.folder}"
+        given = "".join(f" {o}" for o in args.overrides)
+        print(
+            f"  train from it with: byol3d pretrain {args.config}{given} data.cache=store{folder}"
+        )
+
+
 def _extract_frames(args: argparse.Namespace) -> None:
 
     try:
@@ -409,7 +442,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [
         x
         for x in extra
-        if x.startswith("-") or args.command not in ("pretrain", "preview", "stats")
+        if x.startswith("-") or args.command not in ("pretrain", "preview", "stats", "preprocess")
     ]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -423,6 +456,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "preview": _preview,
             "plot": _plot,
             "stats": _stats,
+            "preprocess": _preprocess,
             "extract-frames": _extract_frames,
             "extract": _extract,
             "export": _export,

@@ -10,8 +10,9 @@
 ['view1', 'view1_box', 'view1_flip', 'view1_rot90', 'view2', 'view2_box', 'view2_flip', 'view2_rot90']
 
 The deterministic preprocessing is what gets cached (in RAM with ``cache="cache"``, on disk
-with ``cache="persistent"``); the random views are drawn on top of the cached item at every
-access, by :class:`ViewDataset`, and never write into the cache.
+with ``cache="persistent"``, or read from the preprocess-once store of
+:mod:`byol3d.data.store` with ``cache="store"``); the random views are drawn on top of the
+cached item at every access, by :class:`ViewDataset`, and never write into the cache.
 """
 
 from __future__ import annotations
@@ -40,13 +41,14 @@ from byol3d.data.dicom import series_files
 from byol3d.data.discovery import is_image
 from byol3d.data.frame_reader import frame_std
 from byol3d.data.readers import data_errors_unwrapped, find_data_error
+from byol3d.data.store import StoreItems, open_store, preprocess_hash
 from byol3d.errors import DataError
 
 logger = logging.getLogger("byol3d")
 
 
 #: Values of ``build_dataset(cache=...)``.
-CACHE_KINDS = ("none", "cache", "persistent")
+CACHE_KINDS = ("none", "cache", "persistent", "store")
 
 
 def _header_geometry(path: str) -> tuple[list[int], list[float], int]:
@@ -254,8 +256,11 @@ def build_dataset(
             (keep them on disk in ``cache_dir``: ``monai.data.PersistentDataset``; the file
             names carry a hash of the preprocessing config, so changing it never reuses
             stale files). Before caching, the cost is logged (and warned about when it
-            exceeds the available RAM or disk).
-        cache_dir: the folder for ``cache="persistent"`` (required then; created).
+            exceeds the available RAM or disk). ``"store"``: memory-map the arrays of the
+            store in ``cache_dir`` (written beforehand by
+            :func:`byol3d.data.store_writer.write_store` with this ``preprocess``); each view's
+            crop reads only its box, and processes share the page cache.
+        cache_dir: the folder for ``cache="persistent"`` or ``"store"`` (required then).
         cache_rate: fraction of the items kept in RAM with ``cache="cache"`` (the rest are
             preprocessed at every access).
         num_workers: threads that fill the RAM cache (0 or 1: one thread).
@@ -272,13 +277,15 @@ def build_dataset(
         raise ValueError(f"cache must be one of {', '.join(CACHE_KINDS)}, got {cache!r}")
     check_number("cache_rate", cache_rate, 0.0, 1.0)
     check_number("num_workers", num_workers, 0, integer=True)
-    if cache == "persistent" and not cache_dir:
-        raise ValueError("cache_dir must be given for cache='persistent'")
+    if cache in ("persistent", "store") and not cache_dir:
+        raise ValueError(f"cache_dir must be given for cache={cache!r}")
     loader = _first_of(preprocess, LoadImaged)
     key = loader.keys[0] if loader is not None else "image"
     rows = [_row(f, key) for f in files]
     if cache == "none":
         return ViewDataset(Dataset(rows, transform=preprocess), views)
+    if cache == "store":
+        return _store_dataset(rows, key, preprocess, views, cache_dir)
 
     spacing, pad = _first_of(preprocess, Spacingd), _first_of(preprocess, SpatialPadd)
     pixdim = None if spacing is None else spacing.spacing_transform.pixdim
@@ -306,6 +313,23 @@ def _row(item: Any, key: str) -> dict:
 
 
 _COST_NOTE = "float32 after preprocessing, upper bound before foreground crop"
+
+
+def _store_dataset(rows: list[dict], key: str, preprocess, views, folder) -> ViewDataset:
+    """Views over the store in ``folder``, after checking it holds this preprocessing."""
+    store = open_store(Path(folder).expanduser())
+    config = getattr(preprocess, "config", None)
+    if config and preprocess_hash(config) != store.preprocess_hash:
+        raise DataError(
+            f"the store in {store.folder} was written with other preprocessing settings "
+            f"({store.preprocess}); run byol3d preprocess CONFIG again"
+        )
+    dataset = ViewDataset(StoreItems(store, [r[key] for r in rows], key=key), views)
+    dataset.cache_bytes = sum(
+        int(np.prod(store.entries[i]["shape"])) * np.dtype(store.entries[i]["dtype"]).itemsize
+        for i in dataset.data.indices
+    )
+    return dataset
 
 
 def _ram_cache(

@@ -15,12 +15,14 @@ Reading files is :mod:`byol3d.data.readers`' job; the pipelines here start with 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from monai.transforms import Compose
 
 from byol3d.data.discovery import list_images
 from byol3d.data.stats import compute_mean_std
+from byol3d.data.store_writer import StoreReport, write_store
 from byol3d.errors import ConfigError
 from byol3d.transforms.batched import BoxViewsd
 from byol3d.transforms.ct import PreprocessCompose, ct_preprocess, view_transforms
@@ -30,7 +32,14 @@ from byol3d.transforms.frames import (
     frame_network_input,
 )
 
-__all__ = ["PREPROCESS_KEYS", "build_eval_transform", "build_transforms", "config_mean_std"]
+__all__ = [
+    "PREPROCESS_KEYS",
+    "build_eval_transform",
+    "build_transforms",
+    "config_mean_std",
+    "preprocess_store",
+    "store_folder",
+]
 
 #: The ``transforms.*`` keys of the deterministic 3D preprocessing: what a run's encoder needs
 #: its input prepared with (reported by export, compared by evaluation and fine-tuning).
@@ -166,3 +175,51 @@ def config_mean_std(
         files, preprocess, max_files=max_files, num_workers=data_cfg["num_workers"]
     )
     return mean, std, n
+
+
+def store_folder(cfg: Mapping[str, Any]) -> Path:
+    """The config's preprocess-once store: ``data.cache_dir``, else ``OUTPUT_DIR/store``."""
+    return Path(cfg["data"]["cache_dir"] or Path(cfg["output_dir"]) / "store").expanduser()
+
+
+def preprocess_store(
+    cfg: Mapping[str, Any],
+    workers: int | None = None,
+    hash_sources: bool = False,
+    progress: bool = True,
+) -> StoreReport:
+    """What ``byol3d preprocess CONFIG`` does: the config's files, preprocessed once, stored.
+
+    The files are those ``byol3d pretrain`` trains on (``data.csv`` or ``data.root``, both
+    splits), the preprocessing is the config's deterministic transform
+    (:func:`build_transforms`), the folder :func:`store_folder`; bad files follow
+    ``data.on_bad_file``. See :func:`byol3d.data.store_writer.write_store`.
+
+    Args:
+        cfg: a validated config.
+        workers: preprocessing processes (default ``data.num_workers``).
+        hash_sources: also record and check the sources' SHA-256.
+        progress: a progress bar.
+
+    Raises:
+        ConfigError, DataError: as ``byol3d pretrain`` for the same config.
+    """
+    data_cfg = cfg["data"]
+    if not data_cfg.get("root") and not data_cfg.get("csv"):
+        raise ConfigError("data.root is not set: give the data folder or data.csv")
+    preprocess, _ = build_transforms(cfg)
+    files = list_images(
+        data_cfg["root"],
+        csv=data_cfg.get("csv"),
+        spatial_dims=data_cfg["spatial_dims"],
+        dicom=data_cfg.get("dicom", True),
+    )
+    return write_store(
+        files,
+        preprocess,
+        store_folder(cfg),
+        workers=data_cfg["num_workers"] if workers is None else workers,
+        on_bad_file=data_cfg["on_bad_file"],
+        hash_sources=hash_sources,
+        progress=progress,
+    )

@@ -138,7 +138,9 @@ class RandResizedCropd(Randomizable, MapTransform):
     (dense/local variants of BYOL need the overlap of the two views' boxes).
 
     The output is a float32 ``torch.Tensor`` of shape ``(C, *roi_size)`` without metadata:
-    the input affine no longer describes it. The input is never modified.
+    the input affine no longer describes it. The input is never modified. A NumPy input
+    (such as a read-only ``np.memmap`` of :mod:`byol3d.data.store`) is sliced before it is
+    converted, so only the box is read from it.
 
     Args:
         keys: keys of the images to crop (same spatial shape).
@@ -259,10 +261,15 @@ class RandResizedCropd(Randomizable, MapTransform):
         return d
 
     def _crop_resize(self, img: Any, box: np.ndarray) -> torch.Tensor:
-        t = as_tensor(img)
-        patch = t[(slice(None), *(slice(int(a), int(b)) for a, b in box))].float()
+        index = (slice(None), *(slice(int(a), int(b)) for a, b in box))
+        if isinstance(img, np.ndarray):  # e.g. the store's read-only np.memmap: read the box only
+            patch = torch.from_numpy(np.array(img[index], dtype=np.float32))
+        else:
+            patch = as_tensor(img)[index].float()
         if tuple(patch.shape[1:]) == self.roi_size:
-            return patch.clone()  # never hand out a view of the input
+            return (
+                patch if isinstance(img, np.ndarray) else patch.clone()
+            )  # never a view of the input
         if self.mode == "linear":
             mode, align = ("bilinear", "trilinear")[self.spatial_dims - 2], False
         else:
