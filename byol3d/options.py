@@ -81,11 +81,13 @@ OPTIONS: dict[str, Option] = {
     "data.cache": Option(
         "cache",
         (str,),
-        "none: load every epoch; cache: preprocessed volumes in RAM; persistent: on disk",
-        ("none", "cache", "persistent"),
+        "none: load every epoch; cache: preprocessed volumes in RAM; persistent: on disk; store: the preprocess-once store (float16/uint8 .npy, memory-mapped, each crop read from the map; written on first use or by byol3d preprocess)",
+        ("none", "cache", "persistent", "store"),
     ),
     "data.cache_dir": Option(
-        None, (str, type(None)), "persistent cache folder (default OUTPUT_DIR/cache)"
+        None,
+        (str, type(None)),
+        "folder of the persistent cache or the store (default OUTPUT_DIR/cache, OUTPUT_DIR/store); one store serves every run with the same preprocessing",
     ),
     "data.cache_rate": Option(1.0, _num, "fraction of volumes kept in the RAM cache"),
     "data.on_bad_file": Option(

@@ -52,7 +52,7 @@ from byol3d.training.checkpoint import (
 from byol3d.training.distributed import is_main, world_size
 from byol3d.training.engine import unwrap
 from byol3d.training.handlers import plot_and_summarize
-from byol3d.transforms import build_eval_transform, build_transforms
+from byol3d.transforms import build_eval_transform, build_transforms, store_folder
 
 logger = logging.getLogger("byol3d")
 
@@ -94,16 +94,17 @@ def pretrain(cfg: Mapping[str, Any], allow_config_change: bool = False) -> RunRe
                         channels_last=channels_last, compile=train["compile"],
                         activation_checkpointing=train["activation_checkpointing"],
                         sync_bn=train["sync_bn"])  # fmt: skip
+    cache_dir = str(store_folder(cfg)) if data["cache"] == "store" else data["cache_dir"] or str(out / "cache")  # fmt: skip
     train_files, val_files = training_files(
         **{k: data[k] for k in ("root", "csv", "spatial_dims", "dicom", "channels", "channel_patterns",
-                                "min_frame_std", "on_bad_file", "val_fraction", "num_workers")},
-        seed=seed, preprocess=preprocess, out=out,
+                                "min_frame_std", "on_bad_file", "val_fraction", "num_workers", "cache")},
+        seed=seed, preprocess=preprocess, out=out, store_dir=cache_dir, progress=train["progress"],
     )  # fmt: skip
     val_views = build_transforms(cfg)[1] if val_files else None
     train_loader, val_loader = build_loaders(
         train_files, val_files, preprocess, train_views, val_views,
         **{k: data[k] for k in ("gpu_views", "cache", "cache_rate", "num_workers")},
-        cache_dir=data["cache_dir"] or str(out / "cache"), batch_size=train["batch_size"],
+        cache_dir=cache_dir, batch_size=train["batch_size"],
         device=device, seed=seed, progress=train["progress"], roi_size=roi,
         views=cfg["transforms"]["views"], views_device=cfg["transforms"]["device"],
         views_format=memory_format(data["spatial_dims"]) if channels_last else None,

@@ -195,10 +195,14 @@ def test_unusable_file_raises_data_error_not_runtime_error(tmp_path):
 
 def test_bad_cache_arguments_raise_value_error(tmp_path):
     pre, views = _pipeline()
-    with pytest.raises(ValueError, match="cache must be one of none, cache, persistent, got 'ram'"):
+    with pytest.raises(
+        ValueError, match="cache must be one of none, cache, persistent, store, got 'ram'"
+    ):
         build_dataset(["a.nii"], pre, views, cache="ram")
     with pytest.raises(ValueError, match="cache_dir"):
         build_dataset(["a.nii"], pre, views, cache="persistent")
+    with pytest.raises(ValueError, match="cache_dir must be given for cache='store'"):
+        build_dataset(["a.nii"], pre, views, cache="store")
     with pytest.raises(ValueError, match="cache_rate"):
         build_dataset(["a.nii"], pre, views, cache_rate=1.5)
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -70,3 +71,19 @@ def test_dense_term_trains_under_ddp_with_ranks_in_agreement(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]  # pretrain checks that the ranks agree
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
     assert rows and all(float(r["dense"]) > 0 for r in rows)
+
+
+@pytest.mark.slow  # about 2 minutes on 2 busy cores
+def test_two_gloo_processes_train_from_one_store_written_by_rank_0(tmp_path):
+    write_demo_dataset(tmp_path / "data", n=5, shape=(48, 48, 32), spacing=(8.0, 8.0, 10.0))
+    store = tmp_path / "store"
+    proc = run(
+        [*TINY, f"data.root={tmp_path / 'data' / 'images'}", "train.batch_size=2", "train.max_epochs=1",
+         f"output_dir={tmp_path / 'run'}", "data.cache=store", f"data.cache_dir={store}",
+         "--nproc-per-node", "2"]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]  # pretrain checks that the ranks agree
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert len(manifest["entries"]) == 5 and len(list((store / "arrays").iterdir())) == 5
+    assert proc.stderr.count("preprocessing 5 volumes") == 1  # rank 0 wrote it; rank 1 only read
+    assert len(losses(tmp_path / "run")) == 1  # 4 training volumes, global batch 4

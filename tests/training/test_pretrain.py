@@ -105,6 +105,23 @@ def test_resume_continues_from_checkpoint_and_matches_uninterrupted_run(phantoms
             assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), f"{part}: {key}"
 
 
+def test_training_from_the_store_resumes_exactly_and_writes_the_store_once(phantoms, tmp_path):
+    out, store = tmp_path / "run", tmp_path / "store"
+    cfg = tiny_config(phantoms, out, "train.max_epochs=2", "data.cache=store", f"data.cache_dir={store}")  # fmt: skip
+    straight = pretrain(cfg)  # the store is written on first use
+    assert straight.iterations == 4
+    arrays = {p: p.stat().st_mtime_ns for p in (store / "arrays").iterdir()}
+    assert len(arrays) == 5  # every phantom, both splits
+    final = weights(straight.checkpoint)
+    straight.checkpoint.unlink()  # interrupted after epoch 1's checkpoint
+    resumed = pretrain(cfg)
+    assert resumed.resumed_from == out / "checkpoints" / "checkpoint_1.pt"
+    assert {p: p.stat().st_mtime_ns for p in (store / "arrays").iterdir()} == arrays
+    again = weights(resumed.checkpoint)
+    for key, value in final["model"].items():
+        assert torch.equal(value, again["model"][key]), key
+
+
 def test_raising_max_epochs_trains_on_from_the_checkpoint(phantoms, tmp_path):
     out = tmp_path / "run"
     first = pretrain(tiny_config(phantoms, out, "train.max_epochs=1"))
@@ -254,7 +271,8 @@ def test_missing_checkpoint_file_is_a_clear_error(tmp_path):
         load_checkpoint(tmp_path / "nope.pt")
 
 
-def test_on_bad_file_skip_lists_bad_files_and_trains_on(phantoms, tmp_path):
+@pytest.mark.parametrize("cache", ["none", "store"])
+def test_on_bad_file_skip_lists_bad_files_and_trains_on(phantoms, tmp_path, cache):
     import shutil
 
     import nibabel as nib
@@ -268,9 +286,9 @@ def test_on_bad_file_skip_lists_bad_files_and_trains_on(phantoms, tmp_path):
     )
     (root / "truncated.nii.gz").write_bytes((root / "ct_000.nii.gz").read_bytes()[:300])
     with pytest.raises(DataError, match="nan.nii.gz|truncated.nii.gz"):
-        pretrain(tiny_config(root, tmp_path / "strict"))
+        pretrain(tiny_config(root, tmp_path / "strict", f"data.cache={cache}"))
     out = tmp_path / "run"
-    result = pretrain(tiny_config(root, out, "data.on_bad_file=skip"))
+    result = pretrain(tiny_config(root, out, "data.on_bad_file=skip", f"data.cache={cache}"))
     assert result.iterations == 2  # the 5 good phantoms: 4 train, batch 2
     skipped = (out / "skipped_files.txt").read_text().splitlines()
     assert sorted(line.split("\t")[0].rsplit("/", 1)[1] for line in skipped) == [
