@@ -20,6 +20,12 @@ What is measured (each group's sides alternate, A B C A B C ..., so drift hits a
    (VmHWM, reset between measurements) while that side ran.
 4. FLOPs per step (torch.utils.flop_counter), achieved TFLOP/s, the card's dense bf16 peak
    and the roof: the TFLOP/s of the network's largest convolution alone at the same shape.
+5. Start-up (scripts/bench_startup.py): seconds from the command to the first training step on
+   many small volumes with the RAM cache, the disk cache and the preprocess-once store, first
+   and later runs; the store's size against the float32 disk cache; the store's .npy format
+   against blosc2. ``--startup-only`` runs just these rows (no peers needed):
+
+    python scripts/benchmark.py --startup-only --json startup.json   # 2,000 volumes, ~3 min
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_data import run_data_benchmark  # noqa: E402
 from bench_flops import card_peak, conv_roof, largest_conv, step_flops  # noqa: E402
+from bench_startup import run_startup_benchmark, startup_markdown, store_format_rows  # noqa: E402
 from bench_steps import (  # noqa: E402
     StepSetup,
     byol3d_bare,
@@ -82,6 +89,8 @@ PRESETS = {
             workers=0,
             repeats=2,
         ),  # fmt: skip
+        startup=dict(n_volumes=4, later_runs=1),  # only with --startup-only
+        store_format=dict(shape=(64, 64, 48), crop=32, reads=3),
     ),
     "quick": dict(
         d3=("resnet10", 48, 4),
@@ -109,6 +118,8 @@ PRESETS = {
             workers=2,
             repeats=3,
         ),  # fmt: skip
+        startup=dict(n_volumes=2000, later_runs=1),
+        store_format=dict(shape=(256, 256, 200), crop=96, reads=30),
     ),
     "full": dict(
         d3=("resnet50", 128, 8),
@@ -136,6 +147,8 @@ PRESETS = {
             workers=min(8, os.cpu_count() or 1),
             repeats=3,
         ),  # fmt: skip
+        startup=dict(n_volumes=2000, later_runs=2),
+        store_format=dict(shape=(256, 256, 200), crop=128, reads=30),
     ),
 }
 
@@ -306,6 +319,8 @@ def main(argv=None) -> dict:
         "--skip-e2e", action="store_true", help="skip the end-to-end loader-to-step rows"
     )
     ap.add_argument("--no-switches", action="store_true", help="skip the speed-switch rows")
+    ap.add_argument("--skip-startup", action="store_true", help="skip the start-up/store rows")
+    ap.add_argument("--startup-only", action="store_true", help="only the start-up and store rows")
     args = ap.parse_args(argv)
     preset = PRESETS["tiny" if args.tiny else "quick" if args.quick else "full"]
     device = torch.device(
@@ -321,6 +336,9 @@ def main(argv=None) -> dict:
     log = lambda msg: print(f"[bench] {msg}", flush=True)  # noqa: E731
     has_lightly, has_lucid = _available("lightly"), _available("byol_pytorch")
     started = time.perf_counter()
+    if args.startup_only:
+        rows, startup = startup_rows(preset, log)
+        return write_result(args, device, started, rows, startup_ratios(startup), startup=startup)
 
     enc3, s3, b3 = preset["d3"]
     if device.type == "cpu" and not (args.tiny or args.quick):
@@ -433,6 +451,38 @@ def main(argv=None) -> dict:
         ratios["tflops_vs_bf16_peak"] = best and round(best / flops["bf16_dense_peak_tflops"], 4)
     best = next(r for r in rows if r["name"] == "byol3d_defaults").get("tflops")
     ratios["tflops_vs_conv_roof"] = best and round(best / flops["roof_tflops"], 4)
+    startup = None
+    if not args.skip_startup and not args.tiny:  # --tiny: seconds; start-up needs many processes
+        more, startup = startup_rows(preset, log)
+        rows += more
+        ratios.update(startup_ratios(startup))
+    else:
+        rows += store_format_rows(**preset["store_format"], log=log)
+        ratios["store_vs_float32_cache"] = None
+    return write_result(
+        args, device, started, rows, ratios, flops=flops, startup=startup, paired=paired
+    )
+
+
+def startup_rows(preset, log) -> tuple[list[dict], dict]:
+    """The start-up rows and the store-format rows; the ``startup`` summary."""
+    rows, startup = run_startup_benchmark(**preset["startup"], log=log)
+    return rows + store_format_rows(**preset["store_format"], log=log), startup
+
+
+def startup_ratios(startup: dict) -> dict:
+    """``store_vs_float32_cache``: the store's bytes over the filled float32 disk cache's."""
+    return {
+        "store_vs_float32_cache": round(
+            startup["store_bytes"] / startup["persistent_cache_bytes"], 4
+        )
+    }
+
+
+def write_result(
+    args, device, started, rows, ratios, flops=None, startup=None, paired=None
+) -> dict:
+    """The result dict, printed as markdown and written to ``--json``/``--markdown``."""
     result = {
         "preset": "tiny" if args.tiny else "quick" if args.quick else "full",
         "command": " ".join(sys.argv),
@@ -440,10 +490,11 @@ def main(argv=None) -> dict:
         "machine": _machine(device),
         "versions": _versions(),
         "ratios": ratios,
-        "intervals": {k: v["ci"] for k, v in paired.items()},
+        "intervals": {k: v["ci"] for k, v in (paired or {}).items()},
         "flops": flops,
         "rows": rows,
     }
+    result["startup"] = startup  # None when the start-up rows did not run
     text = to_markdown(result)
     print(text)
     if args.json:
@@ -575,16 +626,16 @@ def to_markdown(result: dict) -> str:
             lines.append(
                 f"| {r['name']} | {r['setting']} | {r['encoder']}, {r['size']}^3, {r['batch']}, {r['num_workers']} | {_fmt(r['samples_per_s'])} |"
             )
+    lines += startup_markdown(rows)
     f = result["flops"]
-    lines += [
-        "",
-        f"FLOPs per step: {f['step_flops'] / 1e9:.1f} GFLOP ({f['precision']}); largest conv "
-        f"{f['largest_conv']} on {f['largest_conv_input']}: roof {f['roof_tflops']:.3f} TFLOP/s; "
-        f"bf16 dense peak of {f['device_name']}: {f['bf16_dense_peak_tflops'] or 'unknown'}",
-        "",
-        "| ratio | value | 95% CI (paired over repeats) |",
-        "|---|---|---|",
-    ]
+    if f:
+        lines += [
+            "",
+            f"FLOPs per step: {f['step_flops'] / 1e9:.1f} GFLOP ({f['precision']}); largest conv "
+            f"{f['largest_conv']} on {f['largest_conv_input']}: roof {f['roof_tflops']:.3f} TFLOP/s; "
+            f"bf16 dense peak of {f['device_name']}: {f['bf16_dense_peak_tflops'] or 'unknown'}",
+        ]
+    lines += ["", "| ratio | value | 95% CI (paired over repeats) |", "|---|---|---|"]
     for k, v in result["ratios"].items():
         ci = result.get("intervals", {}).get(k)
         lines.append(f"| {k} | {_fmt(v, '.3f')} | {f'{ci[0]:.3f}-{ci[1]:.3f}' if ci else '-'} |")

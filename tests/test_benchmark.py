@@ -8,6 +8,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 RATIO_KEYS = {
@@ -87,3 +89,23 @@ def test_tiny_benchmark_writes_the_json_contract(tmp_path):
     text = md.read_text()
     assert "| overhead_vs_bare |" in text and "| byol3d_cache |" in text
     assert "| batched_device_views | 32^3 |" in text and "| byol3d_end_to_end |" in text
+    # --tiny leaves out the start-up rows (many processes); the store format rows are there
+    assert result["startup"] is None and result["ratios"]["store_vs_float32_cache"] is None
+    npy = rows["npy_float16_mmap"]
+    assert npy["bytes"] >= 2 * 64 * 64 * 48 and npy["crop_ms_warm"] > 0 and npy["size_vs_npy"] == 1
+
+
+@pytest.mark.slow  # a few minutes: nine processes that each import torch and MONAI
+def test_startup_rows_write_their_json_contract(tmp_path):
+    bench = load_benchmark()
+    out = tmp_path / "startup.json"
+    bench.main(["--tiny", "--startup-only", "--json", str(out)])
+    result = json.loads(out.read_text())
+    first_later = result["startup"]["seconds_to_first_step_4"]
+    assert first_later["first"] > 0 and first_later["later"] > 0
+    rows = {r["name"]: r for r in result["rows"]}
+    assert {"startup_ram_cache", "startup_disk_cache", "startup_store"} <= set(rows)
+    store, disk = result["startup"]["store_bytes"], result["startup"]["persistent_cache_bytes"]
+    assert result["ratios"]["store_vs_float32_cache"] == pytest.approx(store / disk, rel=1e-3)
+    # float16 arrays of 4 volumes padded to 32^3, and a float32 cache of the same voxels
+    assert store >= 4 * 2 * 32**3 and result["startup"]["float32_voxel_bytes"] == 4 * 4 * 32**3
