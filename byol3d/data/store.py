@@ -46,7 +46,15 @@ from monai.config import PathLike
 
 from byol3d.errors import DataError
 
-__all__ = ["MANIFEST", "Store", "StoreItems", "open_store", "preprocess_hash", "source_key"]
+__all__ = [
+    "MANIFEST",
+    "Store",
+    "StoreItems",
+    "open_store",
+    "preprocess_hash",
+    "source_key",
+    "source_paths",
+]
 
 #: The manifest's file name inside a store folder.
 MANIFEST = "manifest.json"
@@ -57,9 +65,21 @@ STORE_VERSION = 1
 FORMAT = "byol3d-store"
 
 
-def source_key(path: PathLike) -> str:
-    """The absolute path that identifies a source in the manifest (files or DICOM folders)."""
+def _absolute(path: PathLike) -> str:
     return os.path.abspath(os.path.expanduser(str(path)))
+
+
+def source_key(item: PathLike | Sequence[PathLike]) -> str:
+    """What identifies a source in the manifest: its absolute path (a file or a DICOM folder),
+    or for a multi-channel subject (a list of files, one per channel) the JSON list of them."""
+    if isinstance(item, (list, tuple)):
+        return json.dumps([_absolute(p) for p in item])
+    return _absolute(item)
+
+
+def source_paths(key: str) -> list[str]:
+    """The files (or folders) behind a :func:`source_key`."""
+    return json.loads(key) if key.startswith("[") else [key]  # an absolute path never starts "["
 
 
 def preprocess_hash(config: Mapping[str, Any]) -> str:
@@ -70,13 +90,18 @@ def preprocess_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def source_signature(path: str) -> dict[str, int]:
-    """``{"size", "mtime_ns"}`` of a file; of a DICOM folder the sum of its files' sizes and
-    their newest mtime (a slice added, removed or rewritten changes it).
+def source_signature(key: str) -> dict[str, int]:
+    """``{"size", "mtime_ns"}`` of a source: its files' total size and newest mtime (of a DICOM
+    folder, of the files in it: a slice added, removed or rewritten changes it).
 
     Raises:
-        OSError: when the path is gone.
+        OSError: when a path is gone.
     """
+    parts = [_signature(p) for p in source_paths(key)]
+    return {"size": sum(p["size"] for p in parts), "mtime_ns": max(p["mtime_ns"] for p in parts)}
+
+
+def _signature(path: str) -> dict[str, int]:
     st = os.stat(path)
     if not os.path.isdir(path):
         return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
@@ -179,8 +204,9 @@ class Store:
         keys = ("source", "shape", "dtype", "spacing", "affine", "stats")
         return {k: e.get(k) for k in keys}
 
-    def index(self, source: PathLike) -> int:
-        """The position of ``source`` (a path as listed for training) in the store.
+    def index(self, source: PathLike | Sequence[PathLike]) -> int:
+        """The position of ``source`` (a path, or a list of channel files, as listed for
+        training) in the store.
 
         Raises:
             DataError: naming the source when the store does not hold it.
@@ -237,7 +263,7 @@ class StoreItems(Sequence):
         DataError: naming a source the store does not hold.
     """
 
-    def __init__(self, store: Store, sources: Sequence[PathLike], key: str = "image") -> None:
+    def __init__(self, store: Store, sources: Sequence[Any], key: str = "image") -> None:
         self.store, self.key = store, key
         self.indices = [store.index(s) for s in sources]
 

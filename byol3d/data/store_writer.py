@@ -51,6 +51,7 @@ from byol3d.data.store import (
     preprocess_hash,
     read_manifest,
     source_key,
+    source_paths,
     source_signature,
 )
 from byol3d.errors import DataError
@@ -73,19 +74,20 @@ class StoreReport:
     reason: str = ""  # why everything was rebuilt, when it was
 
 
-def _sha256(path: str) -> str:
-    """SHA-256 of a file's bytes; of a folder, of its files' names and bytes in sorted order."""
+def _sha256(key: str) -> str:
+    """SHA-256 of a source's bytes (of a folder: its files' names and bytes, sorted by name)."""
     digest = hashlib.sha256()
-    names = sorted(os.listdir(path)) if os.path.isdir(path) else [None]
-    for name in names:
-        file = path if name is None else os.path.join(path, name)
-        if name is not None:
-            if not os.path.isfile(file):
-                continue
-            digest.update(name.encode())
-        with open(file, "rb") as f:
-            for block in iter(lambda f=f: f.read(1 << 20), b""):
-                digest.update(block)
+    for path in source_paths(key):
+        names = sorted(os.listdir(path)) if os.path.isdir(path) else [None]
+        for name in names:
+            file = path if name is None else os.path.join(path, name)
+            if name is not None:
+                if not os.path.isfile(file):
+                    continue
+                digest.update(name.encode())
+            with open(file, "rb") as f:
+                for block in iter(lambda f=f: f.read(1 << 20), b""):
+                    digest.update(block)
     return digest.hexdigest()
 
 
@@ -128,8 +130,10 @@ class _Builder:
         record: dict[str, Any] = {"source": source, **signature}
         if self.hash_sources:
             record["sha256"] = _sha256(source)
+        paths = source_paths(source)
+        item = paths if source.startswith("[") else source  # channel files as a list
         try:
-            img = self.preprocess({self.key: source})[self.key]
+            img = self.preprocess({self.key: item})[self.key]
         except Exception as exc:  # noqa: BLE001 - only user-data errors are kept, others re-raised
             err = find_data_error(exc)
             if err is None:
@@ -232,7 +236,8 @@ def _plan(folder, old, sources, hash_sources):
         else:
             tasks.append((source, signature))
     for source, entry in known.items():  # not listed now: kept while the source exists
-        (kept.__setitem__(source, entry) if os.path.exists(source) else drop.append(entry))
+        exists = all(os.path.exists(p) for p in source_paths(source))
+        (kept.__setitem__(source, entry) if exists else drop.append(entry))
     entries = {s: e for s, e in kept.items() if "file" in e}
     bad = {s: e for s, e in kept.items() if "problem" in e}
     return entries, bad, tasks, drop
@@ -247,7 +252,7 @@ def _write_manifest(folder: Path, header: dict, entries: dict, bad: dict) -> dic
 
 
 def write_store(
-    files: Sequence[PathLike],
+    files: Sequence[PathLike | Sequence[PathLike]],
     preprocess: Callable,
     folder: PathLike,
     *,
@@ -260,8 +265,8 @@ def write_store(
     """Bring the store in ``folder`` up to date with ``files`` under ``preprocess``.
 
     Args:
-        files: image paths or DICOM series folders (as :func:`byol3d.data.discovery.list_images`
-            gives them).
+        files: image paths, DICOM series folders, or lists of channel files (one list per
+            subject), as :func:`byol3d.data.discovery.list_images` gives them.
         preprocess: the deterministic transform, ``{key: path} -> {key: (C, *spatial)}``,
             e.g. :func:`byol3d.transforms.ct_preprocess` or
             :func:`byol3d.transforms.frames.frame_preprocess`.

@@ -168,6 +168,25 @@ def test_a_deleted_source_leaves_the_store_and_hash_catches_same_size_rewrites(t
     assert (hashed.written, hashed.kept) == (1, 1)
 
 
+def test_multi_channel_subjects_are_one_entry_rebuilt_when_any_channel_changes(tmp_path):
+    subjects = []
+    for s in range(2):
+        folder = tmp_path / f"sub{s}"
+        folder.mkdir()
+        subjects.append([_volume(folder / f"{c}.nii.gz", seed=10 * s + c) for c in range(2)])
+    pre = _pre(in_channels=2)
+    store = write_store(subjects, pre, tmp_path / "store", progress=False).store
+    for subject in subjects:
+        arr = store.array(store.index(subject))
+        ref = pre({"image": subject})["image"].numpy()
+        assert arr.shape == ref.shape and arr.shape[0] == 2
+        np.testing.assert_allclose(arr.astype(np.float32), ref, rtol=0, atol=F16_STEP / 2)
+    st = os.stat(subjects[1][1])
+    os.utime(subjects[1][1], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    report = write_store(subjects, pre, tmp_path / "store", progress=False)
+    assert (report.written, report.kept) == (1, 1)
+
+
 def test_frames_are_stored_as_uint8_exactly(tmp_path):
     write_endoscopy_dataset(tmp_path / "frames", n=3, videos=1, size=(40, 32))
     files = find_frames(tmp_path / "frames" / "images")
