@@ -105,9 +105,11 @@ def test_resume_continues_from_checkpoint_and_matches_uninterrupted_run(phantoms
             assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), f"{part}: {key}"
 
 
-def test_training_from_the_store_resumes_exactly_and_writes_the_store_once(phantoms, tmp_path):
+@pytest.mark.parametrize("views", ["cpu", "batched"])
+def test_training_from_the_store_resumes_exactly_and_writes_the_store_once(phantoms, tmp_path, views):  # fmt: skip
     out, store = tmp_path / "run", tmp_path / "store"
-    cfg = tiny_config(phantoms, out, "train.max_epochs=2", "data.cache=store", f"data.cache_dir={store}")  # fmt: skip
+    cfg = tiny_config(phantoms, out, "train.max_epochs=2", "data.cache=store", f"data.cache_dir={store}",
+                      f"transforms.views={views}")  # fmt: skip
     straight = pretrain(cfg)  # the store is written on first use
     assert straight.iterations == 4
     arrays = {p: p.stat().st_mtime_ns for p in (store / "arrays").iterdir()}
