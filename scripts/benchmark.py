@@ -3,6 +3,11 @@
     make bench ARGS="--quick --json bench.json --markdown bench.md"   # CPU-sized, < 15 min on 2 cores
     make bench ARGS="--json bench.json"                              # full: ResNet-50 3D at 128^3
     python scripts/benchmark.py --tiny --json /tmp/b.json            # seconds; the contract test
+    make bench ARGS="--quality --json quality.json --markdown quality.md"   # representation quality
+
+``--quality`` trains byol3d's 2D BYOL and lightly's BYOL example loop side by side on tiles of
+real photos and compares linear probe and kNN accuracy against random init
+(scripts/bench_quality.py); it replaces the speed groups below (``--quick``: 1 seed, 40 steps).
 
 ``make bench`` builds .bench-venv (torchvision 0.29.2 with its torch, lightly, byol-pytorch 0.8.2,
 byol3d) and runs this script there. In an environment without the peers their rows say "not
@@ -46,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_data import run_data_benchmark  # noqa: E402
 from bench_flops import card_peak, conv_roof, largest_conv, step_flops  # noqa: E402
+from bench_quality import quality_markdown, run_quality  # noqa: E402
 from bench_startup import run_startup_benchmark, startup_markdown, store_format_rows  # noqa: E402
 from bench_steps import (  # noqa: E402
     StepSetup,
@@ -321,7 +327,28 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-switches", action="store_true", help="skip the speed-switch rows")
     ap.add_argument("--skip-startup", action="store_true", help="skip the start-up/store rows")
     ap.add_argument("--startup-only", action="store_true", help="only the start-up and store rows")
+    ap.add_argument(
+        "--quality", action="store_true", help="representation quality vs lightly and random init"
+    )
+    ap.add_argument("--seeds", type=int, help="--quality: seeds (default 3; --quick 1)")
+    ap.add_argument("--steps", type=int, help="--quality: optimizer steps (default 500)")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="--quality: a byol3d config override for its side (repeatable)",
+    )
+    ap.add_argument("--work", type=Path, help="--quality: keep the tiles and runs here")
+    ap.add_argument(
+        "--sides",
+        default="byol3d,lightly,random",
+        help="--quality: the sides to train and evaluate (comma-separated)",
+    )
     args = ap.parse_args(argv)
+    if args.quality:
+        return quality_main(args)
     preset = PRESETS["tiny" if args.tiny else "quick" if args.quick else "full"]
     device = torch.device(
         "cuda"
@@ -496,6 +523,28 @@ def write_result(
     }
     result["startup"] = startup  # None when the start-up rows did not run
     text = to_markdown(result)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=str))
+    if args.markdown:
+        args.markdown.write_text(text)
+    return result
+
+
+def quality_main(args) -> dict:
+    """``--quality``: scripts/bench_quality.py's comparison, with the machine and versions."""
+    preset = "tiny" if args.tiny else "quick" if args.quick else "full"
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+    device = "cpu" if device == "auto" else device
+    log = lambda msg: print(f"[quality] {msg}", flush=True)  # noqa: E731
+    sides = tuple(x.strip() for x in args.sides.split(",") if x.strip())
+    result = run_quality(preset, log, seeds=args.seeds, steps=args.steps, sides=sides,
+                         overrides=args.overrides, device=device, work=args.work)  # fmt: skip
+    result.update(command=" ".join(sys.argv), machine=_machine(torch.device(device)),
+                  versions=_versions())  # fmt: skip
+    text = f"Machine: {result['machine']}  \nVersions: {result['versions']}\n\n" + quality_markdown(
+        result
+    )
     print(text)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str))
