@@ -66,6 +66,7 @@ lint: install
 # the project's torch; torchvision==0.29.2 brings its own torch build, so both sides run
 # on the same torch. Nothing of it enters `make test`. Example:
 #   make bench ARGS="--quick --json bench.json --markdown bench.md"
+#   make bench ARGS="--quality --json quality.json"   # encoder quality vs lightly and random init
 BENCH_VENV ?= .bench-venv
 BENCH_PKGS ?= torchvision==0.29.2 lightly byol-pytorch==0.8.2
 
