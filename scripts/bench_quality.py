@@ -284,6 +284,7 @@ def run_quality(
     n = len(data["files"])
     return {
         "mode": "quality",
+        "sides": list(sides),
         "preset": preset,
         "seconds": round(time.perf_counter() - started, 1),
         "setup": {**asdict(s), "epochs": s.epochs(n), "steps_per_epoch": n // s.batch},
@@ -325,7 +326,8 @@ def quality_markdown(result: dict) -> str:
     for side in SIDES:
         recs = [r for r in result["records"] if r["side"] == side]
         if not recs:
-            lines.append(f"| {side} | not installed | - | - | - |")
+            why = "not installed" if side in result.get("sides", SIDES) else "not run (--sides)"
+            lines.append(f"| {side} | {why} | - | - | - |")
             continue
         p, k = result["summary"][f"{side}/linear_probe"], result["summary"][f"{side}/knn"]
         secs = np.mean([r["train_seconds"] for r in recs])

@@ -110,6 +110,8 @@ def test_a_missing_side_leaves_its_pairs_and_ratios_out():
               "records": records, **out}  # fmt: skip
     table = quality.quality_markdown(result)
     assert "| lightly | not installed |" in table and "| byol3d - random |" in table
+    table = quality.quality_markdown({**result, "sides": ["byol3d", "random"]})
+    assert "| lightly | not run (--sides) |" in table
 
 
 def test_epochs_cover_the_requested_steps():
