@@ -1,7 +1,7 @@
 """Representation quality, side by side: byol3d's 2D BYOL vs lightly's BYOL example loop.
 
-    make bench ARGS="--quality --json quality.json --markdown quality.md"   # 3 seeds (~20 min, 2 cores)
-    make bench ARGS="--quality --quick"                                     # 1 seed, 40 steps (~1-2 min)
+    make bench ARGS="--quality --json quality.json --markdown quality.md"   # 3 seeds x 500 steps
+    make bench ARGS="--quality --quick"                                     # 1 seed x 40 steps
     make bench ARGS="--quality --set transforms.blur_sigma=[0.1,2.0]"       # a byol3d config change
 
 Both sides train the same MONAI ResNet-10 2D (``byol3d.build_encoder``, built right after
