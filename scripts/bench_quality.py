@@ -1,6 +1,6 @@
 """Representation quality, side by side: byol3d's 2D BYOL vs lightly's BYOL example loop.
 
-    make bench ARGS="--quality --json quality.json --markdown quality.md"   # 3 seeds x 500 steps
+    make bench ARGS="--quality --json quality.json --markdown quality.md"   # 3 seeds x 200 steps
     make bench ARGS="--quality --quick"                                     # 1 seed x 40 steps
     make bench ARGS="--quality --set transforms.blur_sigma=[0.1,2.0]"       # a byol3d config change
 
@@ -74,7 +74,7 @@ class QualitySetup:
     size: int = 64
     tile: int = 48
     batch: int = 32
-    steps: int = 500
+    steps: int = 200
     seeds: int = 3
     lr: float = 1e-3
     weight_decay: float = 1e-4

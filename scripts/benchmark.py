@@ -331,7 +331,7 @@ def main(argv=None) -> dict:
         "--quality", action="store_true", help="representation quality vs lightly and random init"
     )
     ap.add_argument("--seeds", type=int, help="--quality: seeds (default 3; --quick 1)")
-    ap.add_argument("--steps", type=int, help="--quality: optimizer steps (default 500)")
+    ap.add_argument("--steps", type=int, help="--quality: optimizer steps (default 200)")
     ap.add_argument(
         "--set",
         dest="overrides",
