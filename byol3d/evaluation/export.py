@@ -59,7 +59,7 @@ from byol3d.evaluation.weights import (
 )
 from byol3d.models.encoders import ARCH_DEFAULTS, RESNETS, build_encoder
 from byol3d.models.monai_encoders import SWIN_HEADS, SegResNetEncoder
-from byol3d.models.nnunet import NnUNetEncoder, build_nnunet_network, read_plans
+from byol3d.models.nnunet import NnUNetEncoder, NnUNetNetwork, build_nnunet_network, read_plans
 from byol3d.rundir import atomic_save
 from byol3d.transforms import PREPROCESS_KEYS
 
@@ -70,6 +70,7 @@ __all__ = [
     "build_downstream",
     "build_segmentation_net",
     "check_state",
+    "encoder_modules",
     "export_encoder",
     "infer_architecture",
     "load_into",
@@ -110,6 +111,8 @@ def _encoder_part(net: nn.Module) -> tuple[nn.Module, tuple[str, ...] | None, st
         return net, SEGRESNET_KEYS, "SegResNet's encoder (convInit, down_layers)"
     if isinstance(net, ENCODER_TYPES):
         return net, None, name
+    if isinstance(net, NnUNetNetwork):
+        return net.encoder, None, f"{type(net.network).__name__}.encoder"
     encoder = getattr(net, "encoder", None)
     if isinstance(encoder, nn.Module):  # FlexibleUNet, nnU-Net's networks
         return encoder, None, f"{name}.encoder"
@@ -117,6 +120,18 @@ def _encoder_part(net: nn.Module) -> tuple[nn.Module, tuple[str, ...] | None, st
         f"{name} has no encoder byol3d can load into; pass a FlexibleUNet, SwinUNETR, "
         "SegResNet, nnU-Net's network (ResidualEncoderUNet, PlainConvUNet) or an encoder"
     )
+
+
+def encoder_modules(net: nn.Module) -> list[nn.Module]:
+    """The modules that make up ``net``'s encoder (what :func:`load_into` fills).
+
+    ``[net.encoder]`` for FlexibleUNet and nnU-Net's networks, ``[net.swinViT]`` for
+    SwinUNETR, ``[net.convInit, net.down_layers]`` for SegResNet; for a separate learning rate
+    or freezing the encoder in fine-tuning.
+    """
+    if isinstance(net, SegResNet):
+        return [net.convInit, net.down_layers]
+    return [_encoder_part(net)[0]]
 
 
 def _load_checked(
@@ -254,14 +269,19 @@ def build_segmentation_net(enc: Any, n_labels: int, decoder_channels=None) -> nn
         decoder_channels: FlexibleUNet's decoder widths (ResNets only).
 
     Returns:
-        ``FlexibleUNet``, ``SwinUNETR``, ``SegResNet`` or nnU-Net's network (without deep
-        supervision), randomly initialised; :func:`load_into` puts the encoder in.
+        ``FlexibleUNet``, ``SwinUNETR``, ``SegResNet``, or nnU-Net's network of the run's plans
+        (without deep supervision) in a :class:`~byol3d.models.nnunet.NnUNetNetwork`, which
+        takes byol3d's ``(x, y, z)`` volumes; randomly initialised, :func:`load_into` fills
+        the encoder.
     """
     to = DOWNSTREAM.get(enc.name, "flexible-unet")
-    net, _name, _code = build_downstream(to, _model_settings(enc.config), enc.spatial_dims,
-                                         enc.in_channels, n_labels, decoder_channels)  # fmt: skip
-    if to == "nnunet" and hasattr(net, "decoder"):
-        net.decoder.deep_supervision = False  # one output, as nnU-Net predicts
+    model = _model_settings(enc.config)
+    if to == "nnunet":
+        plan = read_plans(model["nnunet_plans"], model["nnunet_configuration"])
+        network = build_nnunet_network(plan, enc.in_channels, n_labels, deep_supervision=False)
+        return NnUNetNetwork(network, plan)
+    net, _name, _code = build_downstream(to, model, enc.spatial_dims, enc.in_channels, n_labels,
+                                         decoder_channels)  # fmt: skip
     return net
 
 

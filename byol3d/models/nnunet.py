@@ -231,6 +231,31 @@ class NnUNetEncoder(nn.Module):
         return out
 
 
+class NnUNetNetwork(nn.Module):
+    """nnU-Net's network taking and returning volumes in byol3d's axis order.
+
+    For fine-tuning inside byol3d's scripts, whose volumes are ``(x, y, z)``: the input is
+    permuted into nnU-Net's order, the logits back. ``encoder`` is the network's encoder (so
+    :func:`byol3d.load_into` fills it); ``network`` is nnU-Net's module itself.
+    """
+
+    def __init__(self, network: nn.Module, plan: NnUNetPlan) -> None:
+        super().__init__()
+        self.network = network
+        self.to_network = (0, 1, *(2 + a for a in plan.axes))
+        self.to_byol3d = (0, 1, *(2 + plan.axes.index(a) for a in range(len(plan.axes))))
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.network.encoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.network(x.permute(*self.to_network))
+        if isinstance(out, (list, tuple)):  # deep supervision: the full-resolution output
+            out = out[0]
+        return out.permute(*self.to_byol3d)
+
+
 def build_nnunet_encoder(
     plans: str | Path | None, configuration: str, spatial_dims: int, in_channels: int
 ) -> NnUNetEncoder:

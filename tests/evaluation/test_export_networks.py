@@ -161,3 +161,30 @@ def test_nnunet_export_round_trips_through_load_into(tmp_path):
     assert report.loaded == report.total == len(enc.state_dict())
     for key, value in enc.state_dict().items():
         assert torch.equal(net.encoder.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize(
+    "name, arch, cls",
+    [
+        ("resnet10", {}, "FlexibleUNet"),
+        ("segresnet", SEG, "SegResNet"),
+        ("swin_unetr", SWIN, "SwinUNETR"),
+        ("nnunet", {"nnunet_plans": str(PLANS)}, "NnUNetNetwork"),
+    ],
+)
+def test_build_segmentation_net_is_the_runs_downstream_network(tmp_path, name, arch, cls):
+    """What scripts/finetune_segmentation.py trains: the right class, byol3d-ordered logits of
+    every voxel, and load_into fills every encoder tensor from the run."""
+    if name == "nnunet":
+        pytest.importorskip("dynamic_network_architectures")
+    from byol3d.evaluation.export import build_segmentation_net, encoder_modules
+
+    enc = write_run(tmp_path / "run", name, **arch)
+    net = build_segmentation_net(byol3d.load_encoder(tmp_path / "run"), n_labels=3)
+    assert type(net).__name__ == cls
+    report = byol3d.load_into(net, tmp_path / "run")
+    assert report.loaded == report.total == len(enc.state_dict())
+    assert sum(len(m.state_dict()) for m in encoder_modules(net)) == len(enc.state_dict())
+    shape = (32, 64, 32) if name in ("swin_unetr", "resnet10") else (32, 24, 16)
+    with torch.no_grad():
+        assert net.eval()(torch.zeros(1, 1, *shape)).shape == (1, 3, *shape)
