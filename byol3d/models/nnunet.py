@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import pydoc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -279,10 +278,10 @@ def crop_divisor(plan: NnUNetPlan) -> tuple[int, ...]:
 def check_crop(plan: NnUNetPlan, roi_size: Sequence[int]) -> str | None:
     """None when ``roi_size`` suits the network, else what is wrong (one phrase)."""
     div = crop_divisor(plan)
-    if len(roi_size) != len(div) or any(r % d for r, d in zip(roi_size, div, strict=False)):
+    if len(roi_size) != len(div) or any(
+        r < 1 or r % d for r, d in zip(roi_size, div, strict=False)
+    ):
         return (
             f"a multiple of {list(div)} per axis (the strides of {Path(plan.path).name}'s encoder)"
         )
-    if math.prod(roi_size) <= 0:
-        return "positive"
     return None
