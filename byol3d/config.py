@@ -180,7 +180,12 @@ def _read_plans(flat: Mapping[str, Any]):
 
 
 def _plans_defaults(flat: dict[str, Any], explicit: set[str]) -> None:
-    """nnU-Net's patch size, spacing and CT clip range for the keys the user did not set."""
+    """nnU-Net's patch size, spacing and intensity rule for the keys the user did not set.
+
+    CTNormalization gives ``hu_window`` = the plans' foreground 0.5 and 99.5 percentiles (mapped
+    to [0, 1], where nnU-Net z-scores that range: an affine difference); ZScoreNormalization
+    gives ``intensity: zscore``, nnU-Net's own rule.
+    """
     plan = _read_plans(flat)
     if "transforms.roi_size" not in explicit:
         flat["transforms.roi_size"] = list(plan.patch_size)
@@ -189,6 +194,9 @@ def _plans_defaults(flat: dict[str, Any], explicit: set[str]) -> None:
     window = plan.ct_window()
     if "transforms.hu_window" not in explicit and window is not None:
         flat["transforms.hu_window"] = list(window)
+    scheme = plan.normalization[:1]
+    if "transforms.intensity" not in explicit and scheme == ("ZScoreNormalization",):
+        flat["transforms.intensity"] = "zscore"  # per volume over the foreground, as nnU-Net
 
 
 def _parse_value(raw: str) -> Any:

@@ -132,7 +132,7 @@ OPTIONS: dict[str, Option] = {
     "model.nnunet_plans": Option(
         None,
         (str, type(None)),
-        "nnunet: nnU-Net plans JSON (e.g. nnUNetResEncUNetLPlans.json); its patch size, spacing and CT percentiles become the defaults of roi_size, pixdim, hu_window",
+        "nnunet: nnU-Net plans JSON (e.g. nnUNetResEncUNetLPlans.json); its patch size, spacing and normalisation become the defaults of roi_size, pixdim, hu_window (CT) or intensity zscore (MR)",
     ),
     "model.nnunet_configuration": Option(
         "3d_fullres", (str,), "nnunet: the plans' configuration (a 3D one)"

@@ -158,6 +158,25 @@ def test_shipped_configs_load(name, monkeypatch):
         assert cfg["transforms"]["roi_size"] == [64, 64, 64]
         assert cfg["transforms"]["pixdim"] == [1.5, 1.5, 2.0]
         assert cfg["transforms"]["hu_window"] == [-958.0, 1096.0]
+        assert cfg["transforms"]["intensity"] == "ct_window"
+
+
+def test_nnunet_zscore_plans_give_the_zscore_rule(tmp_path):
+    import json
+    from pathlib import Path
+
+    plans = Path(__file__).parents[1] / "configs" / "nnunet_resenc_example_plans.json"
+    data = json.loads(plans.read_text())
+    data["configurations"]["3d_fullres"]["normalization_schemes"] = ["ZScoreNormalization"]
+    (tmp_path / "mr.json").write_text(json.dumps(data))
+    over = ["model.encoder=nnunet", f"model.nnunet_plans={tmp_path / 'mr.json'}"]
+    cfg = load_config(None, over)
+    assert cfg["transforms"]["intensity"] == "zscore"
+    assert cfg["transforms"]["hu_window"] == [-1000.0, 1000.0]  # no CT percentiles taken
+    assert (
+        load_config(None, [*over, "transforms.intensity=percentile"])["transforms"]["intensity"]
+        == "percentile"
+    )
 
 
 def test_readme_config_reference_is_current():
