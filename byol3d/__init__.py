@@ -1,4 +1,4 @@
-"""byol3d: BYOL self-supervised pretraining for MONAI ResNet encoders on CT volumes and 2D frames.
+"""byol3d: BYOL self-supervised pretraining of the encoder you fine-tune (MONAI ResNet, SwinUNETR, SegResNet, nnU-Net) on CT volumes and 2D frames.
 
 >>> import byol3d
 >>> enc = byol3d.build_encoder("resnet10", spatial_dims=3, in_channels=1)
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from byol3d.config import load_config
 from byol3d.errors import Byol3dError, CheckpointError, ConfigError, DataError
-from byol3d.evaluation.export import load_into_flexible_unet
+from byol3d.evaluation.export import load_into, load_into_flexible_unet
 from byol3d.evaluation.features import extract_features, load_encoder
 from byol3d.models.byol import BYOL, byol_loss, collapse_std, cosine_tau
 from byol3d.models.encoders import HookedEncoder, build_encoder
@@ -33,6 +33,7 @@ __all__ = [
     "extract_features",
     "load_config",
     "load_encoder",
+    "load_into",
     "load_into_flexible_unet",
     "pretrain",
 ]

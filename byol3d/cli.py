@@ -9,7 +9,8 @@
     byol3d preview CONFIG [KEY=VALUE ...]      the two augmented views of a few volumes (PNG)
     byol3d plot RUN_DIR                        training.png and summary.json of a run
     byol3d extract RUN_DIR --data DIR --output OUT     embeddings (features.npy, index.csv)
-    byol3d export RUN_DIR --to flexible-unet --output FILE   weights for a MONAI network
+    byol3d export RUN_DIR --to TARGET --output FILE   weights for FlexibleUNet, a MONAI ResNet,
+                                               SwinUNETR, SegResNet or nnU-Net
     byol3d evaluate RUN_DIR --csv LABELS.csv       linear probe and kNN, pretrained vs random
     byol3d evaluate RUN_DIR --segmentation DIR     frozen dense probe (Dice), pretrained vs random
 
@@ -33,7 +34,7 @@ from byol3d.data.synthetic_frames import write_endoscopy_dataset
 from byol3d.data.video import extract_video_folder
 from byol3d.errors import Byol3dError, DataError
 from byol3d.evaluation.dense_probe import dense_probe_run, format_dense_report
-from byol3d.evaluation.export import export_encoder
+from byol3d.evaluation.export import EXPORT_TARGETS, export_encoder
 from byol3d.evaluation.features import extract_to_folder
 from byol3d.evaluation.probe import evaluate_run, format_report
 from byol3d.training.distributed import is_main, launch, wants_distributed
@@ -180,11 +181,19 @@ def _add_downstream_commands(sub) -> None:
     ex.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap")
     ex.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
 
-    xp = sub.add_parser("export", help="encoder weights that load strictly into a MONAI network")
+    xp = sub.add_parser("export", help="encoder weights that load into the network you fine-tune")
     xp.add_argument("run_dir", help="run directory, encoder.pt or checkpoint")
-    xp.add_argument("--to", required=True, choices=("flexible-unet", "resnet"))
-    xp.add_argument("--backbone", default=None, help="architecture expected, e.g. resnet50")
-    xp.add_argument("--output", required=True, help="the .pt file to write")
+    xp.add_argument("--to", required=True, choices=EXPORT_TARGETS)
+    xp.add_argument(
+        "--backbone", default=None, help="resnet targets: architecture expected, e.g. resnet50"
+    )
+    xp.add_argument(
+        "--plans", default=None, help="nnunet: plans JSON of the network (default: the run's)"
+    )
+    xp.add_argument(
+        "--configuration", default=None, help="nnunet: plans configuration (default: the run's)"
+    )
+    xp.add_argument("--output", required=True, help="the file to write")
 
 
 def _add_evaluate_command(sub) -> None:
@@ -387,8 +396,8 @@ def _extract(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-
-    report = export_encoder(args.run_dir, args.output, to=args.to, backbone=args.backbone)
+    report = export_encoder(args.run_dir, args.output, to=args.to, backbone=args.backbone,
+                            plans=args.plans, configuration=args.configuration)  # fmt: skip
     print(f"byol3d: {report}")
     print(f"  wrote {args.output} (load code and preprocessing in {args.output}.json)")
 

@@ -25,6 +25,8 @@ import yaml
 
 from byol3d.checks import check_number, check_pair, is_number, per_view
 from byol3d.errors import ConfigError
+from byol3d.models.encoders import RESNETS
+from byol3d.models.nnunet import check_crop, read_plans
 from byol3d.options import OPTIONS, SECTIONS, Option
 
 __all__ = [
@@ -73,7 +75,11 @@ def _unknown(key: str, where: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r} in {where}{hint}")
 
 
-def _set(flat: dict[str, Any], key: str, value: Any, where: str) -> None:
+def _set(
+    flat: dict[str, Any], key: str, value: Any, where: str, explicit: set[str] | None = None
+) -> None:
+    if explicit is not None:
+        explicit.add(key)
     if key not in OPTIONS:
         raise _unknown(key, where)
     opt = OPTIONS[key]
@@ -110,6 +116,7 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> dict[
         ConfigError: unreadable file, unknown key, wrong type, or out-of-range value.
     """
     flat = flatten(default_config())
+    explicit: set[str] = set()
     if path is not None:
         path = Path(path)
         try:
@@ -134,7 +141,7 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> dict[
                     f"config key {section!r} in {str(path)!r} must be a mapping of keys"
                 )
         for key, value in flatten(loaded).items():
-            _set(flat, key, value, repr(str(path)))
+            _set(flat, key, value, repr(str(path)), explicit)
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
@@ -142,8 +149,10 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> dict[
             raise ConfigError(
                 f"override {item!r} must look like KEY=VALUE, e.g. train.max_epochs=5"
             )
-        _set(flat, key, _parse_value(raw), "the command line")
+        _set(flat, key, _parse_value(raw), "the command line", explicit)
     _channels_set_in_channels(flat)
+    if flat["model.encoder"] == "nnunet":
+        _plans_defaults(flat, explicit)
     cfg = _nest(flat)
     validate_config(cfg)
     return cfg
@@ -155,6 +164,39 @@ def _channels_set_in_channels(flat: dict[str, Any]) -> None:
     channels = flat["data.channels"]
     if isinstance(channels, list) and channels and flat["data.in_channels"] == 1:
         flat["data.in_channels"] = len(channels)
+
+
+def _read_plans(flat: Mapping[str, Any]):
+    plans = flat["model.nnunet_plans"]
+    if not plans:
+        raise ConfigError(
+            "model.encoder nnunet needs model.nnunet_plans: the plans JSON file of your nnU-Net "
+            "dataset (e.g. nnUNet_preprocessed/DatasetXXX/nnUNetResEncUNetLPlans.json)"
+        )
+    try:
+        return read_plans(plans, flat["model.nnunet_configuration"])
+    except ValueError as err:
+        raise ConfigError(f"model.nnunet_plans: {err}") from None
+
+
+def _plans_defaults(flat: dict[str, Any], explicit: set[str]) -> None:
+    """nnU-Net's patch size, spacing and intensity rule for the keys the user did not set.
+
+    CTNormalization gives ``hu_window`` = the plans' foreground 0.5 and 99.5 percentiles (mapped
+    to [0, 1], where nnU-Net z-scores that range: an affine difference); ZScoreNormalization
+    gives ``intensity: zscore``, nnU-Net's own rule.
+    """
+    plan = _read_plans(flat)
+    if "transforms.roi_size" not in explicit:
+        flat["transforms.roi_size"] = list(plan.patch_size)
+    if "transforms.pixdim" not in explicit and plan.spacing is not None:
+        flat["transforms.pixdim"] = list(plan.spacing)
+    window = plan.ct_window()
+    if "transforms.hu_window" not in explicit and window is not None:
+        flat["transforms.hu_window"] = list(window)
+    scheme = plan.normalization[:1]
+    if "transforms.intensity" not in explicit and scheme == ("ZScoreNormalization",):
+        flat["transforms.intensity"] = "zscore"  # per volume over the foreground, as nnU-Net
 
 
 def _parse_value(raw: str) -> Any:
@@ -230,6 +272,8 @@ NUMBER_RULES: dict[str, dict[str, Any]] = {
             "model.projection_dim",
             "model.hidden_dim",
             "model.dense_grid",
+            "model.swin_feature_size",
+            "model.segresnet_init_filters",
             "train.knn_every",
         ),
         _AT_LEAST_1,
@@ -270,6 +314,7 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
         if key in PAIR_RULES:
             _checked(check_pair, key, value, *PAIR_RULES[key])
     _validate_geometry(flat)
+    _validate_encoder(flat)
     _validate_2d(flat)
     _validate_train(flat)
 
@@ -282,7 +327,9 @@ def _validate_geometry(flat: Mapping[str, Any]) -> None:
         raise _fail(
             "transforms.roi_size", roi, f"a list of {dims} integers (data.spatial_dims is {dims})"
         )
-    if min(roi) < 32:
+    if flat["model.encoder"] == "nnunet":
+        pass  # the plans' strides decide (_validate_encoder)
+    elif min(roi) < 32:
         raise _fail(
             "transforms.roi_size", roi, "at least 32 on every axis: the encoder downsamples by 32"
         )
@@ -322,6 +369,59 @@ def _validate_channels(flat: Mapping[str, Any]) -> None:
         raise _fail("data.in_channels", flat["data.in_channels"], f"{len(channels)}, the length of data.channels (or left at 1)")  # fmt: skip
     if patterns is not None and (len(patterns) != len(channels) or not all(isinstance(p, str) and p for p in patterns)):  # fmt: skip
         raise _fail("data.channel_patterns", patterns, f"{len(channels)} file-name patterns, one per channel of data.channels")  # fmt: skip
+
+
+def _validate_encoder(flat: Mapping[str, Any]) -> None:
+    """The settings of the non-ResNet encoders, and what they exclude."""
+    name, roi = flat["model.encoder"], flat["transforms.roi_size"]
+    for key, length in (("model.swin_depths", 4), ("model.segresnet_blocks_down", None)):
+        value = flat[key]
+        ints = isinstance(value, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value
+        )
+        if not ints or (length and len(value) != length) or len(value) < 2:
+            n = f"{length} " if length else "2 or more "
+            raise _fail(key, value, f"a list of {n}positive integers")
+    if flat["model.swin_feature_size"] % 12:
+        raise _fail("model.swin_feature_size", flat["model.swin_feature_size"], "a multiple of 12")
+    if flat["model.segresnet_init_filters"] % 8:
+        raise _fail(
+            "model.segresnet_init_filters", flat["model.segresnet_init_filters"], "a multiple of 8"
+        )
+    dense = flat["model.dense_layer"]
+    if dense == "avgpool" or (
+        name in RESNETS and dense not in ("layer1", "layer2", "layer3", "layer4")
+    ):
+        raise _fail(
+            "model.dense_layer",
+            dense,
+            "a stage of the encoder: layer1, layer2, layer3, layer4 (or, for non-ResNets, a stage's module name)",
+        )
+    if name in RESNETS:
+        return
+    if flat["model.norm"] != "batch":
+        raise _fail(
+            "model.norm",
+            flat["model.norm"],
+            f"batch (the default) with model.encoder {name}, which keeps its own normalisation",
+        )
+    for key in ("train.compile", "train.activation_checkpointing"):
+        if flat[key]:
+            raise _fail(key, flat[key], f"false with model.encoder {name} (ResNet encoders only)")
+    if name == "swin_unetr" and any(r % 32 for r in roi):
+        raise _fail(
+            "transforms.roi_size",
+            roi,
+            "multiples of 32 with model.encoder swin_unetr (SwinUNETR's rule)",
+        )
+    if name == "nnunet":
+        if flat["data.spatial_dims"] != 3:
+            raise _fail(
+                "data.spatial_dims", flat["data.spatial_dims"], "3 with model.encoder nnunet"
+            )
+        problem = check_crop(_read_plans(flat), roi)
+        if problem:
+            raise _fail("transforms.roi_size", roi, problem)
 
 
 def _validate_2d(flat: Mapping[str, Any]) -> None:

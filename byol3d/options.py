@@ -103,14 +103,44 @@ OPTIONS: dict[str, Option] = {
         "draw the random views on the GPU in ThreadDataLoader threads (one CUDA device; pairs with cache: cache)",
     ),
     # model
-    "model.encoder": Option("resnet50", (str,), "MONAI ResNet depth", ENCODERS),
+    "model.encoder": Option(
+        "resnet50",
+        (str,),
+        "the encoder of the network you fine-tune: a MONAI ResNet depth (FlexibleUNet), nnunet (nnU-Net plans), swin_unetr (SwinUNETR's swinViT) or segresnet (SegResNet's encoder)",
+        ENCODERS,
+    ),
     "model.norm": Option(
-        "batch", (str,), "encoder normalisation; only batch loads strictly into FlexibleUNet", NORMS
+        "batch",
+        (str,),
+        "ResNet normalisation; only batch loads strictly into FlexibleUNet (other encoders keep their own: leave batch)",
+        NORMS,
+    ),
+    "model.swin_feature_size": Option(
+        48,
+        (int,),
+        "swin_unetr: SwinUNETR's feature_size (a multiple of 12; MONAI's SSL recipe: 48)",
+    ),
+    "model.swin_depths": Option(
+        [2, 2, 2, 2], (list,), "swin_unetr: SwinUNETR's depths, Swin blocks in each of the 4 stages"
+    ),
+    "model.segresnet_init_filters": Option(
+        8, (int,), "segresnet: SegResNet's init_filters (a multiple of 8)"
+    ),
+    "model.segresnet_blocks_down": Option(
+        [1, 2, 2, 4], (list,), "segresnet: SegResNet's blocks_down, residual blocks per level"
+    ),
+    "model.nnunet_plans": Option(
+        None,
+        (str, type(None)),
+        "nnunet: nnU-Net plans JSON (e.g. nnUNetResEncUNetLPlans.json); its patch size, spacing and normalisation become the defaults of roi_size, pixdim, hu_window (CT) or intensity zscore (MR)",
+    ),
+    "model.nnunet_configuration": Option(
+        "3d_fullres", (str,), "nnunet: the plans' configuration (a 3D one)"
     ),
     "model.hidden_layer": Option(
         "avgpool",
         (str,),
-        "encoder layer whose output is the representation (spatial layers are averaged)",
+        "encoder layer whose output is the representation (spatial layers are averaged; avgpool: the deepest stage of non-ResNets)",
     ),
     "model.projection_dim": Option(256, (int,), "projector/predictor output size (paper: 256)"),
     "model.hidden_dim": Option(4096, (int,), "projector/predictor hidden size (paper: 4096)"),
@@ -120,8 +150,7 @@ OPTIONS: dict[str, Option] = {
     "model.dense_layer": Option(
         "layer3",
         (str,),
-        "encoder layer the dense term compares (layer2 for crops under ~96 voxels)",
-        ("layer1", "layer2", "layer3", "layer4"),
+        "encoder stage the dense term compares: layer1..layer4 are the stages at strides 4, 8, 16, 32 of any encoder (layer2 for crops under ~96 voxels), or a stage's module name",
     ),
     "model.dense_grid": Option(4, (int,), "dense term: points per axis sampled in each overlap"),
     "model.separate_views": Option(
@@ -131,7 +160,9 @@ OPTIONS: dict[str, Option] = {
     ),
     # transforms
     "transforms.roi_size": Option(
-        [128, 128, 128], (list,), "crop size of each view, one entry per spatial dim, each >= 32"
+        [128, 128, 128],
+        (list,),
+        "crop size of each view, one entry per spatial dim, each >= 32 (swin_unetr: multiples of 32; nnunet: the plans' patch size by default)",
     ),
     "transforms.pixdim": Option(
         None, (list, type(None)), "3D: resample to this voxel spacing in mm (null: keep the file's)"

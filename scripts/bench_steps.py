@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -38,6 +38,7 @@ class StepSetup:
     projection_dim: int = 256
     lr: float = 3e-4
     weight_decay: float = 1e-4
+    arch: dict = field(default_factory=dict)  # build_encoder's settings of non-ResNet encoders
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -62,7 +63,7 @@ def sync(device: torch.device) -> None:
 def byol3d_model(setup: StepSetup, channels_last: bool) -> BYOL:
     torch.manual_seed(0)
     enc = build_encoder(
-        setup.encoder, spatial_dims=setup.spatial_dims, in_channels=setup.in_channels
+        setup.encoder, spatial_dims=setup.spatial_dims, in_channels=setup.in_channels, **setup.arch
     )
     model = BYOL(
         enc.to(setup.device),

@@ -8,6 +8,7 @@
 ``--quality`` trains byol3d's 2D BYOL and lightly's BYOL example loop side by side on tiles of
 real photos and compares linear probe and kNN accuracy against random init
 (scripts/bench_quality.py); it replaces the speed groups below (``--quick``: 1 seed, 40 steps).
+    python scripts/benchmark.py --quick --only-networks              # the per-network rows only
 
 ``make bench`` builds .bench-venv (torchvision 0.29.2 with its torch, lightly, byol-pytorch 0.8.2,
 byol3d) and runs this script there. In an environment without the peers their rows say "not
@@ -31,11 +32,14 @@ What is measured (each group's sides alternate, A B C A B C ..., so drift hits a
    against blosc2. ``--startup-only`` runs just these rows (no peers needed):
 
     python scripts/benchmark.py --startup-only --json startup.json   # 2,000 volumes, ~3 min
+6. Networks: one row per downstream network's encoder (ResNet, SegResNet, SwinUNETR's swinViT,
+   nnU-Net's encoder from ``--nnunet-plans``), byol3d's trainer at fp32, same crop and batch.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -67,11 +71,24 @@ from bench_views import paired_ratio, run_end_to_end, run_view_cost_benchmark  #
 from byol3d.training.accel import apply_speed_options, memory_format, resolve_channels_last
 from byol3d.training.engine import resolve_amp
 
+#: the nnunet row's plans (the small example; --nnunet-plans takes your ResEnc L plans)
+NNUNET_PLANS = Path(__file__).resolve().parents[1] / "configs" / "nnunet_resenc_example_plans.json"
+
 PRESETS = {
     # (3D encoder, size, batch), (2D encoder, size, batch), iters, repeats, data settings
     "tiny": dict(
         d3=("resnet10", 32, 2),
         d2=("resnet10", 32, 2),
+        networks=(
+            32,
+            2,
+            {
+                "resnet10": {},
+                "segresnet": {"segresnet_blocks_down": (1, 1, 1)},
+                "swin_unetr": {"swin_feature_size": 12, "swin_depths": (1, 1, 1, 1)},
+                "nnunet": {},
+            },
+        ),  # fmt: skip
         iters=1,
         repeats=1,
         heads=(64, 16),
@@ -101,6 +118,7 @@ PRESETS = {
     "quick": dict(
         d3=("resnet10", 48, 4),
         d2=("resnet18", 96, 8),
+        networks=(64, 2, {"resnet10": {}, "segresnet": {}, "swin_unetr": {}, "nnunet": {}}),
         iters=8,
         repeats=5,
         heads=(4096, 256),
@@ -130,6 +148,7 @@ PRESETS = {
     "full": dict(
         d3=("resnet50", 128, 8),
         d2=("resnet50", 224, 64),
+        networks=(128, 2, {"resnet50": {}, "segresnet": {}, "swin_unetr": {}, "nnunet": {}}),
         iters=10,
         repeats=5,
         heads=(4096, 256),
@@ -346,6 +365,12 @@ def main(argv=None) -> dict:
         default="byol3d,lightly,random",
         help="--quality: the sides to train and evaluate (comma-separated)",
     )
+    ap.add_argument(
+        "--only-networks", action="store_true", help="only the per-network rows (any venv)"
+    )
+    ap.add_argument(
+        "--nnunet-plans", type=Path, default=NNUNET_PLANS, help="plans of the nnunet row"
+    )
     args = ap.parse_args(argv)
     if args.quality:
         return quality_main(args)
@@ -367,6 +392,9 @@ def main(argv=None) -> dict:
         rows, startup = startup_rows(preset, log)
         return write_result(args, device, started, rows, startup_ratios(startup), startup=startup)
 
+    if args.only_networks:
+        rows = network_rows(preset, device, (hidden, proj), (iters, repeats), args, mem, log)
+        return write_result(args, device, started, rows, {})
     enc3, s3, b3 = preset["d3"]
     if device.type == "cpu" and not (args.tiny or args.quick):
         b3 = 2  # ResNet-50 3D at 128^3 on a CPU: the smallest batch that keeps BatchNorm sane
@@ -431,6 +459,7 @@ def main(argv=None) -> dict:
         ),
     }
     rows += run_group("2D", setup2, sides2, iters, repeats, mem, log)
+    rows += network_rows(preset, device, (hidden, proj), (iters, repeats), args, mem, log)
 
     flops = flop_rows(setup3, "auto", mem, log)
     for row in rows:
@@ -551,6 +580,29 @@ def quality_main(args) -> dict:
     if args.markdown:
         args.markdown.write_text(text)
     return result
+
+
+def network_rows(preset, device, heads, steps, args, mem, log) -> list[dict]:
+    """One row per downstream network's encoder, all at one crop size and batch (fp32)."""
+    size, batch, networks = preset["networks"]
+    base = StepSetup(3, next(iter(networks)), size, batch, 1, device, *heads)
+    log(f"networks: {', '.join(networks)} at {size}^3, batch {batch}")
+    sides = {}
+    for name, arch in networks.items():
+        arch = {**arch, "nnunet_plans": str(args.nnunet_plans)} if name == "nnunet" else arch
+        setup = dataclasses.replace(base, encoder=name, arch=arch)
+        needs = "dynamic_network_architectures" if name == "nnunet" else "torch"
+        factory = (
+            (lambda s=setup: byol3d_engine(s, "none", False))
+            if _available(needs)
+            else _missing(needs)
+        )
+        setting = ", ".join(
+            f"{k}={Path(v).name if k == 'nnunet_plans' else v}" for k, v in arch.items()
+        )
+        sides[f"net_{name}"] = (factory, {"side": "byol3d", "setting": setting or "defaults",
+                                          "encoder": name})  # fmt: skip
+    return run_group("networks", base, sides, *steps, mem, log)
 
 
 def lightly_loop_factory(setup, available):

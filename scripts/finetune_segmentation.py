@@ -1,4 +1,4 @@
-"""Label-efficient segmentation: FlexibleUNet with pretrained encoders vs from scratch.
+"""Label-efficient segmentation: the run's downstream network, pretrained encoder vs from scratch.
 
     byol3d demo-data data/eval_ct --n 48
     byol3d pretrain configs/demo_ct.yaml data.root=data/eval_ct/images output_dir=runs/eval_global
@@ -18,8 +18,10 @@ preprocessing of the image. The last ``--test`` volumes (sorted by id) are a fix
 for each seed, ``n`` training volumes (``--labelled``, default 1 3 6) are drawn from the
 others by :func:`byol3d.evaluation.stats.labelled_sets` (distinct sets for distinct seeds, the
 same as ``byol3d evaluate --segmentation`` draws), the same volumes for every variant. Each variant ("scratch" and one per ``--run``)
-builds ``FlexibleUNet(backbone=<run's encoder>)`` after ``torch.manual_seed(seed)``, loads the
-encoder with ``byol3d.load_into_flexible_unet`` (not for scratch), and trains all weights for
+builds the network the run's encoder belongs to after ``torch.manual_seed(seed)``
+(:func:`byol3d.evaluation.export.build_segmentation_net`: ``FlexibleUNet(backbone=<run's
+ResNet>)``, SwinUNETR, SegResNet, or nnU-Net's network of the run's plans), loads the
+encoder with ``byol3d.load_into`` (not for scratch), and trains all weights for
 ``--iterations`` Adam steps on random ``--crop`` crops (batch ``--batch``) with ``DiceCELoss``;
 the learning rate ``--lr`` decays to 0 on a cosine. Scratch trains every weight at ``--lr``; a
 pretrained encoder trains at ``--encoder-lr`` times it (0.1 by default) and can be held frozen
@@ -46,7 +48,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
-from monai.networks.nets import FlexibleUNet
 from monai.transforms import (
     SpatialPadd,
 )
@@ -55,6 +56,7 @@ import byol3d
 from byol3d.data.discovery import segmentation_pairs
 from byol3d.data.synthetic_ct import LABEL_NAMES
 from byol3d.errors import Byol3dError, DataError
+from byol3d.evaluation.export import build_segmentation_net, encoder_modules
 from byol3d.evaluation.features import LoadedEncoder
 from byol3d.evaluation.stats import dice_per_label, labelled_sets, paired_difference
 from byol3d.transforms import build_eval_transform
@@ -87,7 +89,7 @@ def make_optimizer(net, pretrained: bool, args) -> torch.optim.Optimizer:
     fine-tuning rule), so the random decoder's large early gradients do not wash out what
     pretraining learnt.
     """
-    enc = list(net.encoder.parameters())
+    enc = [p for m in encoder_modules(net) for p in m.parameters()]
     ids = {id(p) for p in enc}
     rest = [p for p in net.parameters() if id(p) not in ids]
     scale = args.encoder_lr if pretrained else 1.0
@@ -96,17 +98,17 @@ def make_optimizer(net, pretrained: bool, args) -> torch.optim.Optimizer:
 
 def set_encoder_frozen(net, frozen: bool) -> None:
     """Freeze the encoder (no gradients, BatchNorm statistics kept) or release it."""
-    for p in net.encoder.parameters():
-        p.requires_grad_(not frozen)
-    net.encoder.train(not frozen)
+    for m in encoder_modules(net):
+        for p in m.parameters():
+            p.requires_grad_(not frozen)
+        m.train(not frozen)
 
 
 def train_and_test(variant, source, train_vols, test_vols, enc, args, seed):
     torch.manual_seed(seed)
-    net = FlexibleUNet(enc.in_channels, args.n_labels, backbone=enc.name, spatial_dims=enc.spatial_dims,
-                       decoder_channels=DECODER, pretrained=False)  # fmt: skip
+    net = build_segmentation_net(enc, args.n_labels, decoder_channels=DECODER)
     if source is not None:
-        report = byol3d.load_into_flexible_unet(net, source)
+        report = byol3d.load_into(net, source)
         print(f"  {variant}: {report}", flush=True)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = make_optimizer(net, source is not None, args)

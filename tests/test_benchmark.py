@@ -86,6 +86,15 @@ def test_tiny_benchmark_writes_the_json_contract(tmp_path):
             assert rows[row]["status"] == "not installed" and result["ratios"][ratio] is None
     # one BYOL step of resnet10 on 2 x 2 views of 32^3: FLOPs from torch.utils.flop_counter
     assert result["flops"]["step_flops"] > 1e9 and result["flops"]["roof_tflops"] > 0
+    # one row per downstream network's encoder, all at the same crop and batch
+    nets = [r for r in result["rows"] if r.get("group") == "networks"]
+    assert [r["encoder"] for r in nets] == ["resnet10", "segresnet", "swin_unetr", "nnunet"]
+    assert {(r["size"], r["batch"]) for r in nets} == {(32, 2)}
+    for r in nets:
+        if r["encoder"] == "nnunet" and not installed("dynamic_network_architectures"):
+            assert r["status"] == "not installed"
+        else:
+            assert r["status"] == "ok" and r["samples_per_s"] > 0 and r["peak_mem_mib"] > 0
     text = md.read_text()
     assert "| overhead_vs_bare |" in text and "| byol3d_cache |" in text
     assert "| batched_device_views | 32^3 |" in text and "| byol3d_end_to_end |" in text

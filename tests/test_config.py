@@ -137,12 +137,46 @@ def test_dump_round_trips(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("name", ["ct_resnet50.yaml", "demo_ct.yaml"])
-def test_shipped_configs_load(name):
+@pytest.mark.parametrize(
+    "name",
+    [
+        "ct_resnet50.yaml",
+        "demo_ct.yaml",
+        "ct_swin_unetr.yaml",
+        "ct_segresnet.yaml",
+        "ct_nnunet_resenc.yaml",
+    ],
+)
+def test_shipped_configs_load(name, monkeypatch):
     from pathlib import Path
 
-    cfg = load_config(Path(__file__).parents[1] / "configs" / name)
+    root = Path(__file__).parents[1]
+    monkeypatch.chdir(root)  # the nnU-Net config names its example plans from the repository root
+    cfg = load_config(root / "configs" / name)
     assert cfg["data"]["spatial_dims"] == 3
+    if name == "ct_nnunet_resenc.yaml":  # the example plans' patch size, spacing (x, y, z), CT clip
+        assert cfg["transforms"]["roi_size"] == [64, 64, 64]
+        assert cfg["transforms"]["pixdim"] == [1.5, 1.5, 2.0]
+        assert cfg["transforms"]["hu_window"] == [-958.0, 1096.0]
+        assert cfg["transforms"]["intensity"] == "ct_window"
+
+
+def test_nnunet_zscore_plans_give_the_zscore_rule(tmp_path):
+    import json
+    from pathlib import Path
+
+    plans = Path(__file__).parents[1] / "configs" / "nnunet_resenc_example_plans.json"
+    data = json.loads(plans.read_text())
+    data["configurations"]["3d_fullres"]["normalization_schemes"] = ["ZScoreNormalization"]
+    (tmp_path / "mr.json").write_text(json.dumps(data))
+    over = ["model.encoder=nnunet", f"model.nnunet_plans={tmp_path / 'mr.json'}"]
+    cfg = load_config(None, over)
+    assert cfg["transforms"]["intensity"] == "zscore"
+    assert cfg["transforms"]["hu_window"] == [-1000.0, 1000.0]  # no CT percentiles taken
+    assert (
+        load_config(None, [*over, "transforms.intensity=percentile"])["transforms"]["intensity"]
+        == "percentile"
+    )
 
 
 def test_readme_config_reference_is_current():

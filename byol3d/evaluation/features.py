@@ -43,8 +43,14 @@ from byol3d.config import default_config
 from byol3d.data.discovery import list_images, read_image_list
 from byol3d.data.readers import as_tensor
 from byol3d.errors import CheckpointError, DataError
-from byol3d.evaluation.export import check_state, read_encoder_state
-from byol3d.models.encoders import build_encoder, layer_outputs
+from byol3d.evaluation.weights import check_state, read_encoder_state
+from byol3d.models.encoders import (
+    arch_options,
+    build_encoder,
+    deepest_stage,
+    layer_outputs,
+    resolve_layer,
+)
 from byol3d.transforms import PREPROCESS_KEYS, build_eval_transform
 
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
@@ -138,7 +144,11 @@ def load_encoder(source: str | Path, device: str | torch.device = "cpu") -> Load
     data, model, tf = cfg["data"], cfg["model"], cfg["transforms"]
     try:
         encoder = build_encoder(
-            model["encoder"], data["spatial_dims"], data["in_channels"], model["norm"]
+            model["encoder"],
+            data["spatial_dims"],
+            data["in_channels"],
+            model["norm"],
+            **arch_options(model),
         )
     except ValueError as err:
         raise CheckpointError(f"the config of {str(path)!r} is not usable: {err}") from err
@@ -174,7 +184,13 @@ def random_encoder(enc: LoadedEncoder, index: int = 0) -> nn.Module:
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(int(enc.config.get("seed", 0)) + int(index))
-        net = build_encoder(enc.name, enc.spatial_dims, enc.in_channels, enc.norm)
+        net = build_encoder(
+            enc.name,
+            enc.spatial_dims,
+            enc.in_channels,
+            enc.norm,
+            **arch_options(enc.config["model"]),
+        )
     finally:
         torch.random.set_rng_state(state)
     param = next(enc.encoder.parameters(), None)
@@ -237,7 +253,9 @@ def feature_maps(
     """
 
     net, roi = _unpack(encoder, roi_size)
-    bad = [name for name in layers if name not in dict(net.named_children())]
+    modules = dict(net.named_modules())
+    resolved = [resolve_layer(net, name) for name in layers]
+    bad = [name for name, module in zip(layers, resolved, strict=True) if module not in modules]
     if not layers or bad:
         raise ValueError(f"invalid layers {list(layers)!r}, must be some of {', '.join(LAYERS)}")
     param = next(net.parameters())
@@ -255,7 +273,7 @@ def feature_maps(
             torch.as_tensor(x, dtype=torch.float32),
             roi_size=roi,
             sw_batch_size=sw_batch_size,
-            predictor=_LayerMaps(net, layers, amp_dtype, memory_format),
+            predictor=_LayerMaps(net, resolved, amp_dtype, memory_format),
             overlap=overlap,
             mode="constant",
             sw_device=device,
@@ -275,7 +293,7 @@ def extract_features(
     overlap: float = 0.25,
     sw_batch_size: int = 4,
     device: str | torch.device | None = None,
-    layers: Sequence[str] = ("layer4",),
+    layers: Sequence[str] | None = None,
     amp_dtype: torch.dtype | None = None,
     memory_format: torch.memory_format | None = None,
 ) -> np.ndarray:
@@ -293,11 +311,14 @@ def extract_features(
             any sizes (e.g. a tqdm-wrapped generator over files).
         roi_size, overlap, sw_batch_size, device, amp_dtype, memory_format: as in
             :func:`feature_maps`.
-        layers: layers whose global averages make up the row.
+        layers: layers whose global averages make up the row; None: the deepest stage
+            (``layer4`` of a ResNet, :func:`byol3d.models.encoders.deepest_stage`).
 
     Returns:
         ``np.ndarray`` of shape ``(N, D)``, float32.
     """
+    if layers is None:
+        layers = (deepest_stage(_unpack(encoder, roi_size)[0]),)
     rows = []
     for image in images:
         maps = feature_maps(encoder, image, layers, roi_size, overlap, sw_batch_size, device,
@@ -358,12 +379,13 @@ def extract_to_folder(
     if layers:
         (out / "maps").mkdir(exist_ok=True)
     preprocess = enc.preprocess
+    deepest = deepest_stage(enc.encoder)
     features = []
     for i, row in enumerate(tqdm(rows, desc="extract", unit="image", disable=not progress)):
         image = preprocess({"image": row["image"]})["image"]
-        wanted = tuple(dict.fromkeys(["layer4", *(layers or [])]))
+        wanted = tuple(dict.fromkeys([deepest, *(layers or [])]))
         maps = feature_maps(enc, image, wanted, overlap=overlap, device=device)
-        features.append(maps["layer4"].flatten(1).mean(1))
+        features.append(maps[deepest].flatten(1).mean(1))
         if layers:
             np.savez(out / "maps" / f"{i:06d}.npz", **{k: maps[k].numpy() for k in layers})
     feats = torch.stack(features).numpy().astype(np.float32)

@@ -93,7 +93,7 @@ def dense_map_shape(encoder: HookedEncoder, input_shape: Sequence[int]) -> tuple
     if fmap.ndim != len(shape) + 1:
         raise ValueError(
             f"dense_layer {encoder.dense_layer!r} gives outputs of shape {tuple(fmap.shape)}, not a "
-            f"{len(shape) - 1}D feature map; choose one of layer1, layer2, layer3, layer4"
+            f"{len(shape) - 1}D feature map; choose a stage (layer1, layer2, layer3, layer4)"
         )
     if min(fmap.shape[2:]) < 4:
         logger.warning(
@@ -285,7 +285,13 @@ class BYOL(nn.Module):
             t = self._per_view(self.target_projector, th, n)
             dense_t = self._per_view(self.target_dense_projector, tmap, n)
         dense = dense_term(
-            dense_p, dense_t, geometry1, geometry2, grid=self.dense_grid, view_shape=x.shape[2:]
+            dense_p,
+            dense_t,
+            geometry1,
+            geometry2,
+            grid=self.dense_grid,
+            view_shape=x.shape[2:],
+            cells=self.online_encoder.dense_cells,
         )
         loss = byol_loss(p[:n], t[n:]) + byol_loss(p[n:], t[:n]) + self.dense_weight * dense
         if return_stats:

@@ -21,6 +21,11 @@ coordinate systems are involved, and each step here maps one into the next exact
   under a flip the two views' errors add up to about 0.9 cell). Input gradients confirm it
   (``tests/models/test_dense_geometry.py``). The stride follows from the view and map sizes
   (:func:`feature_stride`); ``offset`` is there for encoders whose cells sit elsewhere.
+  SegResNet and nnU-Net's plain-convolution encoder downsample the same way (``cells="padded"``).
+  SwinUNETR's Swin encoder cuts the view into non-overlapping 2-voxel patches and merges 2 x 2
+  (x 2) neighbours per stage: its cell ``j`` is the patch ``[s * j, s * (j + 1))``, centred
+  on voxel ``s * j + (s - 1) / 2`` (``cells="patch"``); attention mixes tokens by content,
+  but each token stays its patch's.
 
 >>> import torch
 >>> box = torch.tensor([[[0, 64], [0, 64]]])  # a 2D view of source voxels 0..63 per axis
@@ -188,7 +193,12 @@ def _per_axis(name: str, value, dims: int) -> list[float]:
     return [float(v) for v in values]
 
 
-def _cell_geometry(view_shape, map_shape, stride, offset) -> tuple[list[float], list[float]]:
+CELL_RULES = ("padded", "patch")
+
+
+def _cell_geometry(
+    view_shape, map_shape, stride, offset, cells="padded"
+) -> tuple[list[float], list[float]]:
     dims = len(map_shape)
     view = [int(v) for v in view_shape]
     if len(view) != dims:
@@ -201,7 +211,12 @@ def _cell_geometry(view_shape, map_shape, stride, offset) -> tuple[list[float], 
         strides = _per_axis("stride", stride, dims)
         if any(s <= 0 for s in strides):
             raise ValueError(f"stride must be positive, got {stride!r}")
-    return strides, _per_axis("offset", offset, dims)
+    if cells not in CELL_RULES:
+        raise ValueError(f"invalid cells {cells!r}, must be one of {', '.join(CELL_RULES)}")
+    offsets = _per_axis("offset", offset, dims)
+    if cells == "patch":
+        offsets = [o + (s - 1.0) / 2.0 for o, s in zip(offsets, strides, strict=True)]
+    return strides, offsets
 
 
 def view_to_cells(
@@ -210,6 +225,7 @@ def view_to_cells(
     map_shape: Sequence[int],
     stride: float | Sequence[float] | None = None,
     offset: float | Sequence[float] = 0.0,
+    cells: str = "padded",
 ) -> torch.Tensor:
     """Continuous feature-cell indices of points given in a view's normalised coordinates.
 
@@ -225,6 +241,8 @@ def view_to_cells(
         map_shape: the feature map's spatial shape.
         stride: voxels per cell, one number or one per axis; None: :func:`feature_stride`.
         offset: where cell 0 is centred, in view voxels (one number or one per axis).
+        cells: ``"padded"`` (cell ``j`` on voxel ``s * j + offset``) or ``"patch"`` (on
+            ``s * j + (s - 1) / 2 + offset``, the centre of its patch; Swin encoders).
 
     Returns:
         float32 cell indices, same shape as ``coords``.
@@ -232,7 +250,7 @@ def view_to_cells(
     dims = coords.shape[-1]
     if len(map_shape) != dims:
         raise ValueError(f"coords have {dims} axes but map_shape is {tuple(map_shape)}")
-    strides, offsets = _cell_geometry(view_shape, map_shape, stride, offset)
+    strides, offsets = _cell_geometry(view_shape, map_shape, stride, offset, cells)
     view = torch.tensor([float(v) for v in view_shape], device=coords.device)
     s = torch.tensor(strides, device=coords.device)
     o = torch.tensor(offsets, device=coords.device)
@@ -240,25 +258,26 @@ def view_to_cells(
 
 
 def cells_to_view(
-    cells: torch.Tensor,
+    index: torch.Tensor,
     view_shape: Sequence[int],
     map_shape: Sequence[int],
     stride: float | Sequence[float] | None = None,
     offset: float | Sequence[float] = 0.0,
+    cells: str = "padded",
 ) -> torch.Tensor:
     """The inverse of :func:`view_to_cells`: view coordinates of continuous cell indices.
 
     >>> cells_to_view(torch.tensor([[2.0]]), view_shape=(64,), map_shape=(8,))  # voxel 16
     tensor([[0.2578]])
     """
-    dims = cells.shape[-1]
+    dims = index.shape[-1]
     if len(map_shape) != dims:
         raise ValueError(f"cells have {dims} axes but map_shape is {tuple(map_shape)}")
-    strides, offsets = _cell_geometry(view_shape, map_shape, stride, offset)
-    view = torch.tensor([float(v) for v in view_shape], device=cells.device)
-    s = torch.tensor(strides, device=cells.device)
-    o = torch.tensor(offsets, device=cells.device)
-    return (cells.float() * s + o + 0.5) / view
+    strides, offsets = _cell_geometry(view_shape, map_shape, stride, offset, cells)
+    view = torch.tensor([float(v) for v in view_shape], device=index.device)
+    s = torch.tensor(strides, device=index.device)
+    o = torch.tensor(offsets, device=index.device)
+    return (index.float() * s + o + 0.5) / view
 
 
 def upsample_to_voxels(fmap: torch.Tensor, size: Sequence[int], stride: int) -> torch.Tensor:

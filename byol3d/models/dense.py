@@ -53,6 +53,7 @@ def sample_map(
     view_shape: Sequence[int] | None = None,
     stride: float | Sequence[float] | None = None,
     offset: float | Sequence[float] = 0.0,
+    cells: str = "padded",
 ) -> torch.Tensor:
     """Read a feature map at normalised view coordinates, (multi)linearly.
 
@@ -66,8 +67,9 @@ def sample_map(
             voxel ``stride * j + offset``). None: ``fmap`` is taken to cover the view in equal
             shares (cell ``j`` of ``n`` centred at ``(j + 0.5) / n``), exact when ``fmap`` has
             the view's own resolution (the view itself, or a stride-1 map).
-        stride, offset: see :func:`~byol3d.models.correspondence.view_to_cells` (only with
-            ``view_shape``; ``stride`` None derives it from the sizes).
+        stride, offset, cells: see :func:`~byol3d.models.correspondence.view_to_cells` (only
+            with ``view_shape``; ``stride`` None derives it from the sizes; ``cells`` is
+            ``"padded"`` for convolutional encoders, ``"patch"`` for Swin).
 
     Returns:
         ``(B, C, P)`` float32 values (``grid_sample``, ``align_corners=False``, border padding:
@@ -85,9 +87,9 @@ def sample_map(
             raise ValueError("stride needs view_shape (the view's spatial shape)")
         unit = coords.float()  # the map's own normalised coordinates
     else:
-        cells = view_to_cells(coords, view_shape, fmap.shape[2:], stride, offset)
+        index = view_to_cells(coords, view_shape, fmap.shape[2:], stride, offset, cells)
         size = torch.tensor([float(n) for n in fmap.shape[2:]], device=coords.device)
-        unit = (cells + 0.5) / size  # cell j's centre at (j + 0.5) / n, align_corners=False
+        unit = (index + 0.5) / size  # cell j's centre at (j + 0.5) / n, align_corners=False
     grid = (2.0 * unit - 1.0).flip(-1)  # grid_sample: x indexes the last axis
     grid = grid.reshape(b, *([1] * (dims - 1)), p, dims)
     out = F.grid_sample(
@@ -104,6 +106,7 @@ def dense_byol_loss(
     valid: torch.Tensor,
     view_shape: Sequence[int] | None = None,
     stride: float | Sequence[float] | None = None,
+    cells: str = "padded",
 ) -> torch.Tensor:
     """One direction of the dense loss: ``2 - 2 cos(p, sg(z))`` at corresponding points.
 
@@ -113,14 +116,14 @@ def dense_byol_loss(
         p_coords, z_coords: ``(B, P, spatial_dims)`` the same P source points in each view's
             normalised coordinates.
         valid: ``(B,)`` bool, False for samples whose views do not overlap.
-        view_shape, stride: how view coordinates meet the maps' cells (:func:`sample_map`).
+        view_shape, stride, cells: how view coordinates meet the maps' cells (:func:`sample_map`).
 
     Returns:
         The mean over the points of valid samples (float32 scalar, in [0, 4]); 0 (still
         differentiable, with zero gradient) when no sample is valid.
     """
-    p = F.normalize(sample_map(p_map, p_coords, view_shape, stride), dim=1)
-    z = F.normalize(sample_map(z_map.detach(), z_coords, view_shape, stride), dim=1)
+    p = F.normalize(sample_map(p_map, p_coords, view_shape, stride, cells=cells), dim=1)
+    z = F.normalize(sample_map(z_map.detach(), z_coords, view_shape, stride, cells=cells), dim=1)
     per_point = 2.0 - 2.0 * (p * z).sum(dim=1)  # (B, P)
     weight = valid.to(per_point.device, per_point.dtype).unsqueeze(1).expand_as(per_point)
     # where() rather than a product: a NaN in an ignored sample must not reach the sum
@@ -137,6 +140,7 @@ def dense_term(
     spatial_axes: tuple[int, int] = (0, 1),
     view_shape: Sequence[int] | None = None,
     stride: float | Sequence[float] | None = None,
+    cells: str = "padded",
 ) -> torch.Tensor:
     """The symmetric dense loss of a batch of view pairs.
 
@@ -153,6 +157,8 @@ def dense_term(
             (layer3) voxels off for MONAI's ResNet.
         stride: voxels per cell (one number or one per axis); None: derived from
             ``view_shape`` and the map's shape.
+        cells: where the encoder centres its cells (``"padded"`` or ``"patch"``,
+            :func:`byol3d.models.encoders.dense_cells`).
 
     Returns:
         ``dense_byol_loss(q1 at pts, z'2 at pts) + dense_byol_loss(q2 at pts, z'1 at pts)``,
@@ -170,7 +176,7 @@ def dense_term(
         source_to_view(points, g["box"].to(device), g.get("flip"), g.get("rot90"), spatial_axes)
         for g in (geometry1, geometry2)
     ]
-    geo = {"view_shape": view_shape, "stride": stride}
+    geo = {"view_shape": view_shape, "stride": stride, "cells": cells}
     return dense_byol_loss(
         p_maps[:n], z_maps[n:], coords[0], coords[1], valid, **geo
     ) + dense_byol_loss(p_maps[n:], z_maps[:n], coords[1], coords[0], valid, **geo)

@@ -90,6 +90,12 @@ def build_model(
     dense_layer: str,
     dense_grid: int,
     separate_views: bool,
+    swin_feature_size: int,
+    swin_depths: Sequence[int],
+    segresnet_init_filters: int,
+    segresnet_blocks_down: Sequence[int],
+    nnunet_plans: str | None,
+    nnunet_configuration: str,
     spatial_dims: int,
     in_channels: int,
     roi_size: Sequence[int],
@@ -106,7 +112,14 @@ def build_model(
     Raises:
         ConfigError: a ``hidden_layer`` the encoder lacks, a ``roi_size`` it cannot take.
     """
-    net = build_encoder(encoder, spatial_dims=spatial_dims, in_channels=in_channels, norm=norm)
+    arch = {"swin_feature_size": swin_feature_size, "swin_depths": swin_depths,
+            "segresnet_init_filters": segresnet_init_filters,
+            "segresnet_blocks_down": segresnet_blocks_down, "nnunet_plans": nnunet_plans,
+            "nnunet_configuration": nnunet_configuration}  # fmt: skip
+    try:
+        net = build_encoder(encoder, spatial_dims, in_channels, norm, **arch)
+    except ValueError as err:  # plans that do not build, a missing optional package
+        raise ConfigError(f"model.encoder {encoder!r}: {err}") from err
     try:
         model = BYOL(
             net.to(device),
@@ -119,8 +132,10 @@ def build_model(
             dense_grid=dense_grid,
             separate_views=separate_views,
         )
-    except ValueError as err:  # an unknown hidden_layer, a roi_size the encoder cannot take
-        raise ConfigError(f"model.hidden_layer / transforms.roi_size: {err}") from err
+    except ValueError as err:  # an unknown layer, a roi_size the encoder cannot take
+        raise ConfigError(
+            f"model.hidden_layer / model.dense_layer / transforms.roi_size: {err}"
+        ) from err
     apply_speed_options(
         model,
         channels_last=channels_last,
