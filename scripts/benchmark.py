@@ -4,11 +4,11 @@
     make bench ARGS="--json bench.json"                              # full: ResNet-50 3D at 128^3
     python scripts/benchmark.py --tiny --json /tmp/b.json            # seconds; the contract test
     make bench ARGS="--quality --json quality.json --markdown quality.md"   # representation quality
+    python scripts/benchmark.py --quick --only-networks              # the per-network rows only
 
 ``--quality`` trains byol3d's 2D BYOL and lightly's BYOL example loop side by side on tiles of
 real photos and compares linear probe and kNN accuracy against random init
 (scripts/bench_quality.py); it replaces the speed groups below (``--quick``: 1 seed, 40 steps).
-    python scripts/benchmark.py --quick --only-networks              # the per-network rows only
 
 ``make bench`` builds .bench-venv (torchvision 0.29.2 with its torch, lightly, byol-pytorch 0.8.2,
 byol3d) and runs this script there. In an environment without the peers their rows say "not
