@@ -103,9 +103,13 @@ def _compact(arr: np.ndarray) -> np.ndarray:
 def _save(path: Path, arr: np.ndarray) -> None:
     """``np.save`` to a temporary file, then an atomic rename: never a half-written array."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(arr))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(arr))
+        os.replace(tmp, path)
+    except OSError as err:  # e.g. a full disk: one line naming the file, the rest is kept
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot write the store file {path}: {err}") from err
 
 
 def _geometry(img: Any, dims: int) -> tuple[list[float] | None, list[list[float]] | None]:

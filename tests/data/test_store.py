@@ -261,3 +261,13 @@ def test_a_store_of_other_preprocessing_or_other_files_is_refused(volumes, tmp_p
                       cache_dir=tmp_path / "store")  # fmt: skip
     with pytest.raises(DataError, match="no store in"):
         build_dataset(volumes, _pre(), views, cache="store", cache_dir=tmp_path / "nothing")
+
+
+def test_a_failed_array_write_is_one_error_naming_the_store_file(volumes, tmp_path, monkeypatch):
+    def full_disk(*_args, **_kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "save", full_disk)
+    with pytest.raises(DataError, match=r"cannot write the store file .*arrays/.*\.npy: .*No space left"):  # fmt: skip
+        write_store(volumes, _pre(), tmp_path / "store", progress=False)
+    assert not list((tmp_path / "store" / "arrays").glob("*.tmp"))  # nothing half-written left
