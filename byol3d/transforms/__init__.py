@@ -159,10 +159,21 @@ def config_mean_std(
         ConfigError, DataError: as ``byol3d pretrain`` for the same config.
     """
     data_cfg = cfg["data"]
+    files = config_files(cfg)
+    preprocess, _ = build_transforms(cfg)
+    n = len(files) if max_files is None else min(len(files), max_files)
+    mean, std = compute_mean_std(
+        files, preprocess, max_files=max_files, num_workers=data_cfg["num_workers"]
+    )
+    return mean, std, n
+
+
+def config_files(cfg: Mapping[str, Any]) -> list:
+    """The files (or channel lists) a config trains on: ``data.csv`` or ``data.root``, both splits."""
+    data_cfg = cfg["data"]
     if not data_cfg.get("root") and not data_cfg.get("csv"):
         raise ConfigError("data.root is not set: give the data folder or data.csv")
-    preprocess, _ = build_transforms(cfg)
-    files = list_images(
+    return list_images(
         data_cfg["root"],
         csv=data_cfg.get("csv"),
         spatial_dims=data_cfg["spatial_dims"],
@@ -170,11 +181,6 @@ def config_mean_std(
         channels=data_cfg.get("channels"),
         channel_patterns=data_cfg.get("channel_patterns"),
     )
-    n = len(files) if max_files is None else min(len(files), max_files)
-    mean, std = compute_mean_std(
-        files, preprocess, max_files=max_files, num_workers=data_cfg["num_workers"]
-    )
-    return mean, std, n
 
 
 def store_folder(cfg: Mapping[str, Any]) -> Path:
@@ -205,15 +211,8 @@ def preprocess_store(
         ConfigError, DataError: as ``byol3d pretrain`` for the same config.
     """
     data_cfg = cfg["data"]
-    if not data_cfg.get("root") and not data_cfg.get("csv"):
-        raise ConfigError("data.root is not set: give the data folder or data.csv")
+    files = config_files(cfg)
     preprocess, _ = build_transforms(cfg)
-    files = list_images(
-        data_cfg["root"],
-        csv=data_cfg.get("csv"),
-        spatial_dims=data_cfg["spatial_dims"],
-        dicom=data_cfg.get("dicom", True),
-    )
     return write_store(
         files,
         preprocess,
