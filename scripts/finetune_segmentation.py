@@ -22,7 +22,9 @@ builds the network the run's encoder belongs to after ``torch.manual_seed(seed)`
 (:func:`byol3d.evaluation.export.build_segmentation_net`: ``FlexibleUNet(backbone=<run's
 ResNet>)``, SwinUNETR, SegResNet, or nnU-Net's network of the run's plans), loads the
 encoder with ``byol3d.load_into`` (not for scratch), and trains all weights for
-``--iterations`` Adam steps on random ``--crop`` crops (batch ``--batch``) with ``DiceCELoss``;
+``--iterations`` Adam steps on ``--crop`` crops (batch ``--batch``) with ``DiceCELoss``, each
+crop centred on a voxel of a label drawn uniformly (``--crop-sampling classes``, as MONAI's
+``RandCropByLabelClassesd``; ``uniform`` places crops anywhere);
 the learning rate ``--lr`` decays to 0 on a cosine. Scratch trains every weight at ``--lr``; a
 pretrained encoder trains at ``--encoder-lr`` times it (0.1 by default) and can be held frozen
 for the first ``--warmup`` steps while the random decoder catches up (0 by default). The score is the Dice of each foreground label on the whole test volumes
@@ -48,9 +50,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
-from monai.transforms import (
-    SpatialPadd,
-)
+from monai.transforms import SpatialPadd
+from monai.transforms.utils import generate_label_classes_crop_centers, map_classes_to_indices
 
 import byol3d
 from byol3d.data.discovery import segmentation_pairs
@@ -69,16 +70,45 @@ def joint_preprocess(enc: LoadedEncoder):
     return build_eval_transform(enc.config, label_key="label")
 
 
-def sample_crops(volumes, crop: int, batch: int, gen: torch.Generator):
-    """A batch of random ``crop``-sized boxes from randomly chosen (image, label) volumes."""
-    images, labels = [], []
-    for _ in range(batch):
-        image, label = volumes[int(torch.randint(len(volumes), (1,), generator=gen))]
-        start = [int(torch.randint(s - crop + 1, (1,), generator=gen)) for s in image.shape[1:]]
-        box = (slice(None), *(slice(s, s + crop) for s in start))
-        images.append(image[box])
-        labels.append(label[box])
-    return torch.stack(images), torch.stack(labels)
+class CropSampler:
+    """Training batches of ``crop``-sized boxes from (image, label) volumes.
+
+    ``balanced`` (the default, ``--crop-sampling classes``): each box is centred on a voxel of
+    a label drawn uniformly from the labels present in the volume, background included
+    (MONAI's ``map_classes_to_indices`` / ``generate_label_classes_crop_centers``, the
+    sampling of ``RandCropByLabelClassesd``), so small organs are seen as often as large ones
+    and a 32^3 box is not mostly background. ``uniform``: boxes placed uniformly at random.
+    The volume of each box is drawn uniformly; every draw comes from ``seed``.
+    """
+
+    def __init__(self, volumes, crop: int, n_labels: int, balanced: bool, seed: int):
+        self.volumes, self.crop, self.balanced = volumes, crop, balanced
+        self.gen = torch.Generator().manual_seed(seed)
+        self.rand_state = np.random.RandomState(seed)
+        self.indices = []
+        if balanced:
+            for _, label in volumes:
+                idx = map_classes_to_indices(label, num_classes=n_labels)
+                self.indices.append([i for i in idx if len(i)])  # labels present in the volume
+
+    def __call__(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = [], []
+        for _ in range(batch):
+            k = int(torch.randint(len(self.volumes), (1,), generator=self.gen))
+            image, label = self.volumes[k]
+            shape = image.shape[1:]
+            if self.balanced:
+                (centre,) = generate_label_classes_crop_centers(
+                    [self.crop] * len(shape), 1, shape, self.indices[k],
+                    rand_state=self.rand_state, warn=False,
+                )  # fmt: skip
+                start = [min(max(int(c) - self.crop // 2, 0), s - self.crop) for c, s in zip(centre, shape)]  # fmt: skip
+            else:
+                start = [int(torch.randint(s - self.crop + 1, (1,), generator=self.gen)) for s in shape]  # fmt: skip
+            box = (slice(None), *(slice(s, s + self.crop) for s in start))
+            images.append(image[box])
+            labels.append(label[box])
+        return torch.stack(images), torch.stack(labels)
 
 
 def make_optimizer(net, pretrained: bool, args) -> torch.optim.Optimizer:
@@ -115,12 +145,12 @@ def train_and_test(variant, source, train_vols, test_vols, enc, args, seed):
     # cosine decay to zero: the last steps average out the crop-to-crop noise of the weights
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, args.iterations) / args.iterations)))  # fmt: skip
     warmup = args.warmup if source is not None else 0
-    gen = torch.Generator().manual_seed(seed)
+    sampler = CropSampler(train_vols, args.crop, args.n_labels, args.crop_sampling == "classes", seed)
     curve = {}
     for it in range(1, args.iterations + 1):
         net.train()
         set_encoder_frozen(net, it <= warmup)
-        x, y = sample_crops(train_vols, args.crop, args.batch, gen)
+        x, y = sampler(args.batch)
         opt.zero_grad(set_to_none=True)
         loss_fn(net(x), y).backward()
         opt.step()
@@ -265,6 +295,7 @@ def main(argv=None) -> int:
     p.add_argument("--curve-at", type=int, nargs="*", default=None, help="also score the test set at these iterations, for seed 0 (default: 1/4 and 1/2 of --iterations)")  # fmt: skip
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--crop", type=int, default=32, help="training crop (a multiple of 32)")
+    p.add_argument("--crop-sampling", choices=["classes", "uniform"], default="classes", help="classes: crops centred on a label drawn uniformly, background included (default); uniform: anywhere")  # fmt: skip
     p.add_argument("--infer-roi", type=int, default=96, help="sliding-window size at test time (multiple of 32)")  # fmt: skip
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (cosine decay to 0)")
     p.add_argument("--encoder-lr", type=float, default=0.1, help="a pretrained encoder's learning rate as a fraction of --lr (scratch: 1)")  # fmt: skip

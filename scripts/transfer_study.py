@@ -13,8 +13,9 @@ Steps (each resumable: a rerun skips what is done):
    (and its ``classes.csv`` with a ``label`` column, if present, for the global probe).
 2. Two pretraining runs of ``--config`` on the pool: ``global`` (BYOL) and ``global+dense``
    (``model.dense_weight=1``), ``--epochs`` epochs each, plus any ``--set KEY=VALUE``.
-3. Frozen dense probe (:mod:`byol3d.evaluation.dense_probe`) of both runs and of
-   ``--random-inits`` random inits at ``--labelled`` labelled volumes, ``--seeds`` draws.
+3. Frozen dense probe (:mod:`byol3d.evaluation.dense_probe`) of both runs (and of any
+   ``--compare NAME=RUN_DIR``) and of ``--random-inits`` random inits at ``--labelled``
+   labelled volumes, ``--seeds`` draws.
 4. FlexibleUNet fine-tuning (``scripts/finetune_segmentation.py``, its recipe: a pretrained
    encoder at 0.1x the learning rate, cosine decay): scratch and global (and global+dense
    with ``--ft-dense``) at the same labelled counts and labelled sets, ``--ft-iterations``
@@ -103,7 +104,7 @@ def run(args) -> str:
     dense = dense_probe_run(
         runs["global"], evald, output=args.output / "dense_probe", labelled=args.labelled,
         seeds=args.seeds, random_inits=args.random_inits, test=args.test, name="global",
-        others={"global+dense": runs["global+dense"]},
+        others={"global+dense": runs["global+dense"], **dict(c.split("=", 1) for c in args.compare)},
     )  # fmt: skip
     t_probe = time.perf_counter()
     n_ft = len(args.labelled) * (args.ft_seeds or args.seeds) * (3 if args.ft_dense else 2)
@@ -219,6 +220,7 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for both runs")  # fmt: skip
     p.add_argument("--pool", type=int, default=200, help="pretraining phantoms (default 200)")
     p.add_argument("--eval", type=int, default=24, help="labelled evaluation phantoms (default 24)")  # fmt: skip
+    p.add_argument("--compare", action="append", default=[], metavar="NAME=RUN_DIR", help="also probe this run (same architecture and preprocessing; repeatable), e.g. a shorter pretraining")  # fmt: skip
     p.add_argument("--pool-dir", type=Path, default=None, help="pretrain on this folder instead")
     p.add_argument("--eval-dir", type=Path, default=None, help="evaluate on this folder instead")
     p.add_argument("--epochs", type=int, default=12, help="pretraining epochs per run")

@@ -81,3 +81,29 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     assert "classes.csv" in capsys.readouterr().err
     assert seg.main(["--data", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
     assert "--run" in capsys.readouterr().err
+
+
+def test_class_balanced_crops_centre_small_labels_as_often_as_large_ones():
+    import torch
+
+    seg = load_script()
+    label = torch.zeros(1, 48, 48, 48, dtype=torch.long)
+    label[:, 24:] = 1  # half the volume
+    label[:, 2:4, 2:4, 2:4] = 2  # 8 voxels in a corner
+    image = label.float() * 10  # image and label crops must stay aligned
+    vols = [(image, label)]
+
+    def share_with_small_label(balanced: bool) -> float:
+        sampler = seg.CropSampler(vols, 16, n_labels=3, balanced=balanced, seed=0)
+        x, y = sampler(400)
+        assert x.shape == (400, 1, 16, 16, 16) and y.shape == (400, 1, 16, 16, 16)
+        assert torch.equal(x, y.float() * 10)
+        return float((y == 2).flatten(1).any(1).float().mean())
+
+    # balanced: a third of the centres lie on label 2 (binomial sd 0.024 at n=400), and crops
+    # centred on background near the corner add some. Uniform: the corner box [0, 4)^3 lies in a
+    # crop only if every start is 0..3 of 33 possible: (4/33)^3 = 0.0018.
+    assert share_with_small_label(True) > 0.28
+    assert share_with_small_label(False) < 0.02
+    a = seg.CropSampler(vols, 16, 3, True, seed=5)(8)[1]
+    assert torch.equal(a, seg.CropSampler(vols, 16, 3, True, seed=5)(8)[1])

@@ -282,7 +282,8 @@ def dense_probe_run(
 
     Returns:
         The report (also written to ``output``); ``summary[name][n]`` is the paired
-        difference of encoder ``name`` against the random inits with ``n`` labelled volumes.
+        difference of encoder ``name`` against the random inits with ``n`` labelled volumes,
+        ``between["B - A"][n]`` that of each of ``others`` (B) against ``source`` (A).
 
     Raises:
         DataError: too few volumes for the labelled counts and the test set, bad labels, or
@@ -366,11 +367,16 @@ def _report(enc, names, segmentation, pairs, test_idx, n_classes, labelled, seed
         ]  # fmt: skip
         for n in labelled
     }
+    def per_seed(name, n):
+        return [float(np.nanmean(scores[name][(n, s)])) for s in range(seeds)]
+
     for name in names:
-        summary[name] = {}
-        for n in labelled:
-            pre = [float(np.nanmean(scores[name][(n, s)])) for s in range(seeds)]
-            summary[name][str(n)] = paired_difference(pre, rnd[n]).as_dict()
+        summary[name] = {str(n): paired_difference(per_seed(name, n), rnd[n]).as_dict() for n in labelled}  # fmt: skip
+    # every further encoder against the first, on the same labelled sets (e.g. global+dense - global)
+    between = {
+        f"{other} - {names[0]}": {str(n): paired_difference(per_seed(other, n), per_seed(names[0], n)).as_dict() for n in labelled}  # fmt: skip
+        for other in names[1:]
+    }
     return {
         "source": str(enc.source),
         "encoder": enc.name,
@@ -384,6 +390,7 @@ def _report(enc, names, segmentation, pairs, test_idx, n_classes, labelled, seed
         "layers": list(PROBE_LAYERS),
         "voxels_per_class": per_class,
         "summary": summary,
+        "between": between,
         "records": records,
     }
 
@@ -413,10 +420,18 @@ def format_dense_report(report: Mapping[str, Any]) -> str:
     ]
     for name, by_n in report["summary"].items():
         for n, s in by_n.items():
-            ci = (
-                f"{s['mean_difference']:+.3f} [{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]"
-                if s["n"] > 1
-                else f"{s['mean_difference']:+.3f} (1 seed)"
-            )
-            lines.append(f"| {name} | {n} | {s['mean_a']:.3f} | {s['mean_b']:.3f} | {ci} |")
+            lines.append(f"| {name} | {n} | {s['mean_a']:.3f} | {s['mean_b']:.3f} | {_difference(s)} |")
+    if report.get("between"):
+        ns = report["labelled"]
+        lines += ["", "Pretrained encoders against each other (same labelled sets, paired by set):", "",
+                  "| comparison | " + " | ".join(f"{n} labelled" for n in ns) + " |",
+                  "|---|" + "---|" * len(ns)]  # fmt: skip
+        for name, by_n in report["between"].items():
+            lines.append(f"| {name} | " + " | ".join(_difference(by_n[str(n)]) for n in ns) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _difference(s: Mapping[str, Any]) -> str:
+    if s["n"] > 1:
+        return f"{s['mean_difference']:+.3f} [{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]"
+    return f"{s['mean_difference']:+.3f} (1 seed)"

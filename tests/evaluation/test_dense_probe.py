@@ -14,6 +14,7 @@ from byol3d.evaluation.dense_probe import (
     DenseFeatures,
     _features_at,
     dense_probe_run,
+    format_dense_report,
     fit_linear_probe,
     predict_volume,
     volume_features,
@@ -176,3 +177,18 @@ def test_cli_evaluate_without_labels_is_one_clear_error(tmp_path, capsys):
 
     assert main(["evaluate", str(write_run_dir(tmp_path / "run"))]) != 0
     assert "--segmentation" in capsys.readouterr().err
+
+
+def test_other_encoders_are_paired_against_the_first_on_the_same_sets(labelled, tmp_path):
+    run = write_run_dir(tmp_path / "run")
+    other = tmp_path / "other"
+    write_run(other, "resnet10", seed=1)
+    report = dense_probe_run(run, labelled, labelled=(1,), seeds=2, random_inits=1, test=2,
+                             voxels_per_class=100, progress=False,
+                             others={"same": run, "seed1": other})  # fmt: skip
+    assert report["between"]["same - pretrained"]["1"]["mean_difference"] == 0.0
+    by = {(r["encoder"], r["seed"]): r["mean_dice"] for r in report["records"]}
+    want = np.mean([by[("seed1", s)] - by[("pretrained", s)] for s in range(2)])
+    assert report["between"]["seed1 - pretrained"]["1"]["mean_difference"] == pytest.approx(want)
+    assert want != 0.0
+    assert "| seed1 - pretrained | " in format_dense_report(report)
