@@ -145,7 +145,9 @@ def train_and_test(variant, source, train_vols, test_vols, enc, args, seed):
     # cosine decay to zero: the last steps average out the crop-to-crop noise of the weights
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, args.iterations) / args.iterations)))  # fmt: skip
     warmup = args.warmup if source is not None else 0
-    sampler = CropSampler(train_vols, args.crop, args.n_labels, args.crop_sampling == "classes", seed)
+    sampler = CropSampler(
+        train_vols, args.crop, args.n_labels, args.crop_sampling == "classes", seed
+    )
     curve = {}
     for it in range(1, args.iterations + 1):
         net.train()

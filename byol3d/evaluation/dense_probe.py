@@ -367,6 +367,7 @@ def _report(enc, names, segmentation, pairs, test_idx, n_classes, labelled, seed
         ]  # fmt: skip
         for n in labelled
     }
+
     def per_seed(name, n):
         return [float(np.nanmean(scores[name][(n, s)])) for s in range(seeds)]
 
@@ -374,7 +375,10 @@ def _report(enc, names, segmentation, pairs, test_idx, n_classes, labelled, seed
         summary[name] = {str(n): paired_difference(per_seed(name, n), rnd[n]).as_dict() for n in labelled}  # fmt: skip
     # every further encoder against the first, on the same labelled sets (e.g. global+dense - global)
     between = {
-        f"{other} - {names[0]}": {str(n): paired_difference(per_seed(other, n), per_seed(names[0], n)).as_dict() for n in labelled}  # fmt: skip
+        f"{other} - {names[0]}": {
+            str(n): paired_difference(per_seed(other, n), per_seed(names[0], n)).as_dict()
+            for n in labelled
+        }  # fmt: skip
         for other in names[1:]
     }
     return {
@@ -420,7 +424,9 @@ def format_dense_report(report: Mapping[str, Any]) -> str:
     ]
     for name, by_n in report["summary"].items():
         for n, s in by_n.items():
-            lines.append(f"| {name} | {n} | {s['mean_a']:.3f} | {s['mean_b']:.3f} | {_difference(s)} |")
+            lines.append(
+                f"| {name} | {n} | {s['mean_a']:.3f} | {s['mean_b']:.3f} | {_difference(s)} |"
+            )
     if report.get("between"):
         ns = report["labelled"]
         lines += ["", "Pretrained encoders against each other (same labelled sets, paired by set):", "",

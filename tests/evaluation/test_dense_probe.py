@@ -14,8 +14,8 @@ from byol3d.evaluation.dense_probe import (
     DenseFeatures,
     _features_at,
     dense_probe_run,
-    format_dense_report,
     fit_linear_probe,
+    format_dense_report,
     predict_volume,
     volume_features,
 )
