@@ -14,7 +14,7 @@ them (:func:`byol3d.data.discovery.segmentation_pairs`: a ``classes.csv`` whose
 labels 0..7, or ``images/`` + ``labels/``, or ``imagesTr/`` + ``labelsTr/``). Images
 and labels get the runs' own preprocessing (orientation RAS, ``pixdim``, intensity rule, crop to
 the body, pad; labels resampled with nearest neighbour), checked to equal the pretraining
-preprocessing of the image. The last ``--test`` volumes (sorted by id) are a fixed test set;
+preprocessing of the image. The last ``--test`` volumes (sorted by path) are a fixed test set;
 for each seed, ``n`` training volumes (``--labelled``, default 1 3 6) are drawn from the
 others by :func:`byol3d.evaluation.stats.labelled_sets` (distinct sets for distinct seeds, the
 same as ``byol3d evaluate --segmentation`` draws), the same volumes for every variant. Each variant ("scratch" and one per ``--run``)

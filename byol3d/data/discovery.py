@@ -384,7 +384,7 @@ def list_images(
 
 
 def segmentation_pairs(source: str | Path) -> list[tuple[str, str]]:
-    """``(image, label map)`` paths of a labelled data set, sorted by image name.
+    """``(image, label map)`` paths of a labelled data set, sorted by image path.
 
     Args:
         source: a CSV (columns ``path`` or ``image``, and ``segmentation`` or ``label_map``;
@@ -441,4 +441,4 @@ def segmentation_pairs(source: str | Path) -> list[tuple[str, str]]:
             pairs.append((str(image), str(label)))
     if not pairs:
         raise DataError(f"{str(source)!r} lists no labelled images")
-    return sorted(pairs, key=lambda p: Path(p[0]).name)
+    return sorted(pairs, key=lambda p: Path(p[0]).as_posix())

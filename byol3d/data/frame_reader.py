@@ -129,3 +129,34 @@ def frame_std(path: PathLike, size: int = 256) -> float:
             return float(np.asarray(image, dtype=np.float32).std() / 255.0)
     except Exception:  # noqa: BLE001 - PIL raises many types; the reader names the file later
         return float("nan")
+
+
+#: PIL modes whose pixel values are the labels themselves (a palette image's indices).
+LABEL_MAP_MODES = ("1", "L", "P", "I", "I;16", "I;16B", "I;16L")
+
+
+def read_label_map(path: PathLike) -> np.ndarray:
+    """A 2D label map as ``(W, H)`` int64 (axis 0 horizontal, the frames' MONAI/PIL order).
+
+    Single-channel PNG/TIFF/BMP in mode ``L``, ``I``, ``I;16``, ``1`` or ``P`` (palette
+    indices are the labels, as most annotation tools write them); 0 is background.
+
+    Raises:
+        DataError: the file cannot be read, or it has colour channels (an RGB rendering of a
+            mask is not a label map: its colours would first have to be mapped to labels).
+    """
+    try:
+        with Image.open(path) as image:
+            if image.mode not in LABEL_MAP_MODES:
+                raise DataError(
+                    f"label map {str(path)!r} is a {image.mode} image; a label map has one channel "
+                    f"of integer labels (PIL modes {', '.join(LABEL_MAP_MODES)})"
+                )
+            arr = np.asarray(image).astype(np.int64)
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - PIL raises many types
+        raise DataError(
+            f"cannot read label map {str(path)!r}: {type(err).__name__}: {err}"
+        ) from err
+    return np.ascontiguousarray(arr.T)

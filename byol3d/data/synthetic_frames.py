@@ -33,6 +33,8 @@ from PIL import Image
 
 #: Class names by label.
 CLASS_NAMES = ("tissue", "instrument", "bleeding")
+#: Pixel labels of the label maps (``labels/``), for the frozen dense probe.
+MASK_NAMES = ("background", "instrument", "blood")
 
 
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
@@ -48,8 +50,9 @@ def endoscopy_frame(
     seed: int = 0,
     video_seed: int | None = None,
     t: float = 0.0,
-) -> np.ndarray:
-    """One synthetic frame, ``(height, width, 3)`` uint8 RGB.
+    with_mask: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """One synthetic frame, ``(height, width, 3)`` uint8 RGB (and its label map).
 
     Args:
         size: ``(width, height)`` in pixels, each at least 16.
@@ -58,6 +61,9 @@ def endoscopy_frame(
         video_seed: the randomness shared by a video (tissue colour and texture); default
             ``seed``.
         t: position in the video in [0, 1]: the shared texture drifts with it.
+        with_mask: also return the ``(height, width)`` uint8 label map of the frame's pixels
+            (:data:`MASK_NAMES`: 1 where the instrument is drawn, 2 where the blood pool is more
+            than half opaque, 0 elsewhere); the frame itself is the same either way.
     """
     width, height = (int(s) for s in size)
     if min(width, height) < 16:
@@ -67,6 +73,7 @@ def endoscopy_frame(
     rng = np.random.default_rng(seed)
     vrng = np.random.default_rng(seed if video_seed is None else video_seed)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    mask = np.zeros((height, width), dtype=np.uint8)
 
     # tissue: a pink-red base, a slow texture and dark-red vessels
     base = np.array([0.78, 0.36, 0.34]) + vrng.normal(0, 0.04, 3)
@@ -87,6 +94,7 @@ def endoscopy_frame(
         dist = np.hypot(yy - cy, xx - cx) / (r * wobble)
         pool = np.clip((1.2 - dist) / 0.4, 0, 1)[..., None]
         img = img * (1 - pool) + np.array([0.42, 0.03, 0.05]) * pool
+        mask[pool[..., 0] > 0.5] = 2
 
     if label == 1:  # instrument: a grey bar from an edge towards the centre
         angle = rng.uniform(0, 2 * np.pi)
@@ -100,6 +108,7 @@ def endoscopy_frame(
         gleam = np.exp(-(((across + 0.4 * half) / (0.2 * half)) ** 2)) * 0.4
         grey = np.clip(metal + gleam, 0, 1)[..., None] * np.array([0.92, 0.94, 1.0])
         img = np.where(bar[..., None], grey, img)
+        mask[bar] = 1
 
     # specular highlights: small, saturated, white
     for _ in range(rng.integers(2, 6)):
@@ -113,7 +122,8 @@ def endoscopy_frame(
     rim = np.hypot(yy - height / 2, xx - width / 2) / radius
     img = img * np.clip((1.0 - rim) / 0.25, 0, 1)[..., None] ** 0.7
     img = img + rng.normal(0, 0.012, img.shape)
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    frame = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return (frame, mask) if with_mask else frame
 
 
 def write_endoscopy_dataset(
@@ -123,13 +133,17 @@ def write_endoscopy_dataset(
     size: tuple[int, int] = (128, 112),
     seed: int = 0,
 ) -> list[Path]:
-    """Write ``n`` frames in ``videos`` video folders as PNG, plus ``frames.csv``.
+    """Write ``n`` frames in ``videos`` video folders as PNG, their label maps, and ``frames.csv``.
 
-    Layout: ``out_dir/images/video_00/frame_000.png`` ... and ``out_dir/frames.csv`` with the
-    header ``id,path,label,label_name`` (paths relative to ``out_dir``), the CSV
-    ``data.csv`` reads (``byol3d pretrain ... data.csv=OUT/frames.csv data.root=OUT``).
+    Layout: ``out_dir/images/video_00/frame_000.png`` ..., the label map of each frame
+    (uint8 PNG, :data:`MASK_NAMES`) at ``out_dir/labels/video_00/frame_000.png``, and
+    ``out_dir/frames.csv`` with the header ``id,path,label,label_name,segmentation`` (paths
+    relative to ``out_dir``): the CSV ``data.csv`` reads (``byol3d pretrain ...
+    data.csv=OUT/frames.csv data.root=OUT``) and ``byol3d evaluate RUN --segmentation
+    OUT/frames.csv`` pairs.
     Frame ``i`` is in video ``i % videos`` and has class ``(i // videos) % 3``, so classes
-    are balanced within and across videos. Re-writing replaces ``out_dir/images``.
+    are balanced within and across videos. Re-writing replaces ``out_dir/images`` and
+    ``out_dir/labels``.
 
     Args:
         out_dir: output folder, created if missing.
@@ -146,24 +160,29 @@ def write_endoscopy_dataset(
     if isinstance(videos, bool) or not isinstance(videos, int) or not 1 <= videos <= n:
         raise ValueError(f"videos must be an int in [1, n={n}], got {videos!r}")
     out = Path(out_dir)
-    images = out / "images"
-    if images.is_dir() and all(re.fullmatch(r"video_\d+", p.name) for p in images.iterdir()):
-        shutil.rmtree(images)  # an older, larger dataset must not leak into this one
+    images, labels = out / "images", out / "labels"
+    for folder in (images, labels):
+        if folder.is_dir() and all(re.fullmatch(r"video_\d+", p.name) for p in folder.iterdir()):
+            shutil.rmtree(folder)  # an older, larger dataset must not leak into this one
     per_video = -(-n // videos)
     paths, rows = [], []
     for i in range(n):
         v, k = i % videos, i // videos
         label = k % len(CLASS_NAMES)
-        frame = endoscopy_frame(
+        frame, mask = endoscopy_frame(
             size=size,
             label=label,
             seed=seed * 1_000_003 + i,
             video_seed=seed * 1_000_003 + 500_000 + v,
             t=k / max(per_video - 1, 1),
+            with_mask=True,
         )
         path = images / f"video_{v:02d}" / f"frame_{k:03d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        mask_path = labels / path.relative_to(images)
+        for folder in (path.parent, mask_path.parent):
+            folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(frame).save(path)
+        Image.fromarray(mask).save(mask_path)
         paths.append(path)
         rows.append(
             [
@@ -171,10 +190,11 @@ def write_endoscopy_dataset(
                 path.relative_to(out).as_posix(),
                 label,
                 CLASS_NAMES[label],
+                mask_path.relative_to(out).as_posix(),
             ]
         )
     with open(out / "frames.csv", "w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
-        w.writerow(["id", "path", "label", "label_name"])
+        w.writerow(["id", "path", "label", "label_name", "segmentation"])
         w.writerows(rows)
     return paths

@@ -2,21 +2,25 @@
 
     byol3d evaluate runs/ct --segmentation /data/labelled --labelled 1 3 6 --seeds 5
     byol3d evaluate runs/ct --segmentation data/demo_ct/classes.csv --test 6
+    byol3d evaluate runs/endo --segmentation data/demo_endoscopy/frames.csv --test 12   # 2D frames
 
 The most direct test of what a pretrained encoder's feature maps hold (vox2vec, Goncharov et
 al. 2023, reports a frozen linear probe of 0.65 Dice against 0.78 fine-tuned on BTCV): nothing
 but a 1x1x1 convolution is trained on top of the frozen encoder, so the Dice it reaches is the
 encoder's, not a decoder's.
 
-Protocol (nothing in it depends on the data set):
+Protocol (nothing in it depends on the data set; 2D frames go through the same steps, with
+pixels for voxels and a 1x1 convolution):
 
 * **Data.** Pairs of an image and its label map (integer labels, 0 background), from a CSV with
   ``path`` (or ``image``) and ``segmentation`` (or ``label_map``) columns, or from a folder
   with ``images/`` + ``labels/`` (or nnU-Net's ``imagesTr/`` + ``labelsTr/``, the ``_0000``
   channel suffix dropped) holding the same file names. Both get the run's own preprocessing
   (:func:`byol3d.transforms.build_eval_transform`; labels resampled nearest-neighbour and
-  cropped with the image). The last ``test`` pairs, sorted by name, are the fixed test set;
-  the labelled training volumes are drawn from the rest.
+  cropped with the image; 2D label maps are single-channel images of integer labels). The
+  last ``test`` pairs, sorted by image path (so frames of the last videos, for frames in
+  per-video folders), are the fixed test set; the labelled training volumes are drawn from
+  the rest.
 * **Features.** ``layer1..layer3`` (strides 4, 8, 16) of the whole preprocessed volume in one
   forward pass (fully convolutional; volumes above ``max_voxels`` are seen in sliding windows
   of the pretraining crop), each map read at a voxel by linear interpolation between feature
@@ -290,8 +294,6 @@ def dense_probe_run(
             ``others`` that differ in architecture or preprocessing.
     """
     enc = source if isinstance(source, LoadedEncoder) else load_encoder(source, device=device)
-    if enc.spatial_dims != 3:
-        raise DataError("the dense probe needs a 3D run (data.spatial_dims 3)")
     if seeds < 1 or random_inits < 1 or not labelled or min(labelled) < 1:
         raise DataError(
             f"need seeds >= 1, random_inits >= 1 and labelled counts >= 1, got seeds={seeds}, "

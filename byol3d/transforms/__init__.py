@@ -28,6 +28,7 @@ from byol3d.transforms.batched import BoxViewsd
 from byol3d.transforms.ct import PreprocessCompose, ct_preprocess, view_transforms
 from byol3d.transforms.frames import (
     FRAME_ONLY_KEYS,
+    LoadFrameLabelMapd,
     build_frame_transforms,
     frame_network_input,
 )
@@ -118,21 +119,23 @@ def build_eval_transform(cfg: Mapping[str, Any], label_key: str | None = None) -
     Args:
         cfg: a run's (validated) config.
         label_key: also load a label map under this key with the image's geometry
-            (nearest-neighbour resampling, the image's crop; 3D only), for dense probes.
+            (nearest-neighbour resampling, the image's crop; for 2D frames
+            :class:`~byol3d.transforms.frames.LoadFrameLabelMapd`), for dense probes.
 
     Raises:
-        ConfigError: settings the transforms reject; a ``label_key`` for 2D frames.
+        ConfigError: settings the transforms reject.
     """
     preprocess, _ = build_transforms(cfg)
     if cfg["data"]["spatial_dims"] == 2:
-        if label_key is not None:
-            raise ConfigError("label maps are supported for 3D volumes only (data.spatial_dims 3)")
         tf_cfg = cfg["transforms"]
         try:
             network_input = frame_network_input("image", tf_cfg.get("mean"), tf_cfg.get("std"))
         except ValueError as err:
             raise ConfigError(f"transforms: {err}") from err
-        return PreprocessCompose([preprocess, network_input], config=preprocess.config)
+        steps = [preprocess, network_input]
+        if label_key is not None:
+            steps.insert(1, LoadFrameLabelMapd(label_key, "image", tf_cfg.get("frame_size")))
+        return PreprocessCompose(steps, config=preprocess.config)
     if label_key is None:
         return preprocess
     tf_cfg = cfg["transforms"]

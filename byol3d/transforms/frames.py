@@ -43,8 +43,9 @@ from monai.transforms import (
 )
 
 from byol3d.checks import check_number, check_pair, per_view
-from byol3d.data.frame_reader import frame_loader
+from byol3d.data.frame_reader import frame_loader, read_label_map
 from byol3d.data.readers import ValidateImaged, as_tensor
+from byol3d.errors import DataError
 from byol3d.transforms.crops import RandResizedCropd, check_roi
 from byol3d.transforms.ct import PreprocessCompose
 from byol3d.transforms.geometry import RecordedRandFlipd
@@ -82,6 +83,38 @@ class ShortSideResized(MapTransform):
                 out = out.round().clamp(0, 255)
             out = out.to(img.dtype)
             d[key] = MetaTensor(out, meta=d[key].meta) if isinstance(d[key], MetaTensor) else out
+        return d
+
+
+class LoadFrameLabelMapd(MapTransform):
+    """Load ``label_key``'s 2D label map with the geometry of the preprocessed ``image_key``.
+
+    The map (:func:`~byol3d.data.frame_reader.read_label_map`) must have the frame's original
+    size; when :class:`ShortSideResized` shrank the frame, the map is shrunk to the same size
+    with nearest-neighbour sampling (labels are never blended). Output: ``(1, W, H)`` int64.
+
+    Raises:
+        DataError: a map whose size cannot be the frame's (naming both files).
+    """
+
+    def __init__(self, label_key: str, image_key: str = "image", frame_size: int | None = None) -> None:  # fmt: skip
+        super().__init__([label_key])
+        self.label_key, self.image_key, self.frame_size = label_key, image_key, frame_size
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        path = d[self.label_key]
+        label = torch.as_tensor(read_label_map(path))[None]
+        want = tuple(d[self.image_key].shape[1:])
+        size = tuple(label.shape[1:])
+        if self.frame_size is not None and min(size) > self.frame_size:
+            size = tuple(max(1, round(s * self.frame_size / min(size))) for s in size)
+        if size != want:
+            image = d[self.image_key].meta.get("filename_or_obj", self.image_key) if isinstance(d[self.image_key], MetaTensor) else self.image_key  # fmt: skip
+            raise DataError(f"label map {str(path)!r} is {label.shape[1]}x{label.shape[2]} pixels, which does not match its image {str(image)!r} ({want[0]}x{want[1]} after preprocessing)")  # fmt: skip
+        if tuple(label.shape[1:]) != want:
+            label = torch.nn.functional.interpolate(label[None].float(), size=want, mode="nearest-exact")[0].long()  # fmt: skip
+        d[self.label_key] = label
         return d
 
 

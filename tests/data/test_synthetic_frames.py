@@ -51,6 +51,24 @@ def test_frame_rejects_bad_arguments():
         endoscopy_frame(size=(8, 64))
 
 
+def test_label_maps_mark_the_drawn_instrument_and_blood():
+    for label, want in ((1, 1), (2, 2)):
+        frame, mask = endoscopy_frame(size=(96, 80), label=label, seed=3, with_mask=True)
+        assert np.array_equal(frame, endoscopy_frame(size=(96, 80), label=label, seed=3))
+        inside, outside = frame[mask == want].astype(float), frame[mask == 0].astype(float)
+        assert 0.02 < (mask == want).mean() < 0.5 and set(np.unique(mask).tolist()) == {0, want}
+        if want == 1:  # the shaft is grey: red and blue nearly equal, unlike the pink tissue
+            assert (
+                np.abs(inside[:, 0] - inside[:, 2]).mean()
+                < 25
+                < np.abs(outside[:, 0] - outside[:, 2]).mean()
+            )
+        else:  # blood is darker and redder than tissue
+            assert inside[:, 1].mean() < 0.5 * outside[:, 1].mean()
+    _, mask = endoscopy_frame(size=(96, 80), label=0, seed=3, with_mask=True)
+    assert not mask.any()
+
+
 def test_dataset_layout_csv_and_balance(tmp_path):
     paths = write_endoscopy_dataset(tmp_path, n=12, videos=3, size=(48, 40), seed=0)
     assert len(paths) == 12 and all(p.is_file() for p in paths)
@@ -58,13 +76,18 @@ def test_dataset_layout_csv_and_balance(tmp_path):
     assert Image.open(paths[0]).size == (48, 40) and Image.open(paths[0]).mode == "RGB"
     with open(tmp_path / "frames.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ["id", "path", "label", "label_name"]
+    assert list(rows[0]) == ["id", "path", "label", "label_name", "segmentation"]
+    masks = [np.asarray(Image.open(tmp_path / r["segmentation"])) for r in rows]
+    assert masks[0].shape == (40, 48) and masks[0].dtype == np.uint8
+    # a frame's label map holds only its class's pixel label: none for tissue frames
+    assert [set(np.unique(m).tolist()) - {0} for m in masks[:9:3]] == [set(), {1}, {2}]
     assert [(tmp_path / r["path"]) for r in rows] == paths
     labels = [int(r["label"]) for r in rows]
     assert labels == [(i // 3) % 3 for i in range(12)]
     assert [r["label_name"] for r in rows[:9:3]] == list(CLASS_NAMES)
     # a smaller rewrite leaves no stale frames
     write_endoscopy_dataset(tmp_path, n=3, videos=1, size=(48, 40))
+    assert len(list((tmp_path / "labels").rglob("*.png"))) == 3
     assert sorted(p.name for p in (tmp_path / "images").rglob("*.png")) == [
         "frame_000.png",
         "frame_001.png",

@@ -192,3 +192,37 @@ def test_other_encoders_are_paired_against_the_first_on_the_same_sets(labelled, 
     assert report["between"]["seed1 - pretrained"]["1"]["mean_difference"] == pytest.approx(want)
     assert want != 0.0
     assert "| seed1 - pretrained | " in format_dense_report(report)
+
+
+def test_frame_label_maps_follow_the_frames_resize_and_bad_maps_are_named(tmp_path):
+    from PIL import Image
+
+    from byol3d.data.synthetic_frames import endoscopy_frame
+    from byol3d.transforms.frames import LoadFrameLabelMapd
+
+    frame, mask = endoscopy_frame(size=(96, 80), label=1, seed=0, with_mask=True)
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    image = torch.zeros(3, 48, 40)  # the frame after ShortSideResized to 40: (C, W, H)
+    out = LoadFrameLabelMapd("label", frame_size=40)({"image": image, "label": tmp_path / "m.png"})
+    # nearest-exact at factor 2 reads pixel 2i+1; (H, W) PNG -> (W, H) like the frames
+    assert torch.equal(out["label"][0], torch.as_tensor(mask[1::2, 1::2].T, dtype=torch.int64))
+    with pytest.raises(DataError, match="m.png.*96x80 pixels.*does not match"):
+        LoadFrameLabelMapd("label")({"image": image, "label": tmp_path / "m.png"})
+    Image.fromarray(frame).save(tmp_path / "rgb.png")
+    with pytest.raises(DataError, match="rgb.png' is a RGB image"):
+        LoadFrameLabelMapd("label")({"image": image, "label": tmp_path / "rgb.png"})
+
+
+def test_dense_probe_of_a_2d_run_on_frame_label_maps(tmp_path):
+    from byol3d.data.synthetic_frames import write_endoscopy_dataset
+
+    write_endoscopy_dataset(tmp_path / "frames", n=9, videos=3, size=(48, 40), seed=0)
+    run = tmp_path / "run"
+    write_run(run, "resnet10", spatial_dims=2, in_channels=3)
+    report = dense_probe_run(run, tmp_path / "frames" / "frames.csv", labelled=(2,), seeds=2,
+                             random_inits=1, test=3, voxels_per_class=50, progress=False)  # fmt: skip
+    assert report["n_classes"] == 3  # background, instrument, blood
+    # the test set is the last video folder's frames (sorted by path)
+    assert all("video_02" in t for t in report["test"])
+    s = report["summary"]["pretrained"]["2"]
+    assert s["mean_difference"] == pytest.approx(0.0, abs=1e-9) and 0.0 <= s["mean_a"] <= 1.0
