@@ -294,12 +294,12 @@ def main(argv=None) -> int:
         default=600,
         help="Adam steps per training (see dice_curve.png for the plateau)",
     )
-    p.add_argument("--curve-at", type=int, nargs="*", default=None, help="also score the test set at these iterations, for seed 0 (default: 1/4 and 1/2 of --iterations)")  # fmt: skip
+    p.add_argument("--curve-at", type=int, nargs="*", default=None, help="also score the test set at these iterations, for seed 0 (default: 1/4, 1/2 and 3/4 of --iterations)")  # fmt: skip
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--crop", type=int, default=32, help="training crop (a multiple of 32)")
     p.add_argument("--crop-sampling", choices=["classes", "uniform"], default="classes", help="classes: crops centred on a label drawn uniformly, background included (default); uniform: anywhere")  # fmt: skip
     p.add_argument("--infer-roi", type=int, default=96, help="sliding-window size at test time (multiple of 32)")  # fmt: skip
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (cosine decay to 0)")
+    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (cosine decay to 0)")
     p.add_argument("--encoder-lr", type=float, default=0.1, help="a pretrained encoder's learning rate as a fraction of --lr (scratch: 1)")  # fmt: skip
     p.add_argument("--warmup", type=int, default=0, help="steps with a pretrained encoder frozen (decoder only) before all weights train")  # fmt: skip
     p.add_argument("--n-labels", type=int, default=8, help="label values 0..N-1 (phantoms: 8)")
@@ -309,7 +309,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.seeds, args.labelled, args.iterations, args.test = 1, [1], 3, min(args.test, 2)
     if args.curve_at is None:
-        args.curve_at = [args.iterations // 4, args.iterations // 2]
+        args.curve_at = [args.iterations // 4, args.iterations // 2, 3 * args.iterations // 4]
     args.curve_at = {int(i) for i in args.curve_at if 0 < int(i) <= args.iterations}
     try:
         runs = dict(item.split("=", 1) for item in args.run)

@@ -228,7 +228,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--random-inits", type=int, default=3)
     p.add_argument("--test", type=int, default=6, help="held-out evaluation volumes")
-    p.add_argument("--ft-iterations", type=int, default=300, help="fine-tuning steps (dice_curve.png shows the plateau)")  # fmt: skip
+    p.add_argument("--ft-iterations", type=int, default=600, help="fine-tuning steps (dice_curve.png shows the plateau)")  # fmt: skip
     p.add_argument("--ft-dense", action="store_true", help="also fine-tune the global+dense run (a third of the fine-tuning time more)")  # fmt: skip
     p.add_argument("--ft-seeds", type=int, default=None, help="fine-tuning seeds (default --seeds)")
     p.add_argument("--doc", type=Path, default=None, help="also write the study section into this markdown file")  # fmt: skip
