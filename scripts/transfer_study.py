@@ -146,7 +146,7 @@ def _markdown(args, commands, ft_args, dense, ft_table, global_table, times) -> 
     minutes = ", ".join(f"{k} {v / 60:.1f} min" for k, v in times.items())
     return "\n".join([
         START,
-        "## The transfer study (`make study`)",
+        "### The last run of the study",
         "",
         "```bash",
         *commands,
@@ -158,17 +158,17 @@ def _markdown(args, commands, ft_args, dense, ft_table, global_table, times) -> 
         f"{'the ' + str(args.eval) + ' evaluation phantoms (other subjects)' if args.eval_dir is None else args.eval_dir}"
         f", {args.test} of them held out for testing. Wall time: {minutes}.",
         "",
-        "### Frozen dense probe (mean organ Dice; difference to the mean of the random inits, "
+        "#### Frozen dense probe (mean organ Dice; difference to the mean of the random inits, "
         "paired by labelled set, 95% t interval)",
         "",
         format_dense_report(dense),
-        "### FlexibleUNet fine-tuning (mean organ Dice, mean +- std over seeds; paired "
+        "#### FlexibleUNet fine-tuning (mean organ Dice, mean +- std over seeds; paired "
         "difference to scratch with 95% t interval)",
         "",
         f"`python scripts/finetune_segmentation.py {' '.join(map(shlex.quote, ft_args))}`",
         "",
         ft_table,
-        *(["### Global linear probe and kNN (class labels of the evaluation set)", global_table]
+        *(["#### Global linear probe and kNN (class labels of the evaluation set)", global_table]
           if global_table else []),  # fmt: skip
         "![study](study.png)" if args.doc is None else "",
         END,
