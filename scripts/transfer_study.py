@@ -33,6 +33,7 @@ time left, from the measured speed of the step before.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shlex
 import sys
@@ -120,7 +121,7 @@ def run(args) -> str:
     if not (ft_dir / "summary.md").exists():
         if finetune_segmentation.main(ft_args) != 0:
             raise SystemExit("fine-tuning failed")
-    ft_table = (ft_dir / "summary.md").read_text()
+    ft_table = (ft_dir / "summary.md").read_text() + _curve_table(ft_dir / "curve.csv")
     t_ft = time.perf_counter()
 
     global_table = ""
@@ -174,6 +175,21 @@ def _markdown(args, commands, ft_args, dense, ft_table, global_table, times) -> 
         END,
         "",
     ])  # fmt: skip
+
+
+def _curve_table(path: Path) -> str:
+    """Test Dice along fine-tuning (seed 0, ``curve.csv``): does it reach its plateau?"""
+    if not path.exists():
+        return ""
+    rows = list(csv.DictReader(open(path)))
+    its = sorted({int(r["iteration"]) for r in rows})
+    lines = ["", "Test Dice along fine-tuning (seed 0):", "",
+             "| variant | labelled | " + " | ".join(f"{i} it." for i in its) + " |",
+             "|---|---|" + "---|" * len(its)]  # fmt: skip
+    for key in dict.fromkeys((r["variant"], r["labelled"]) for r in rows):
+        got = {int(r["iteration"]): float(r["mean_dice"]) for r in rows if (r["variant"], r["labelled"]) == key}  # fmt: skip
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(f"{got[i]:.3f}" if i in got else "" for i in its) + " |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def _write_doc(doc: Path, text: str) -> None:
