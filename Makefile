@@ -41,12 +41,13 @@ demo: demo-data
 	$(BIN)/byol3d evaluate $(DEMO_RUN) --segmentation $(DEMO_EVAL) --labelled 1 3 --seeds 3 \
 		--random-inits 2 --test 4 --voxels-per-class 500
 
-# The transfer study: a 200-phantom pretraining pool, global and global+dense runs, frozen
-# dense probe (both runs) and FlexibleUNet fine-tuning (global vs scratch) at 1, 3 and 6 labelled volumes against random
-# init, paired over 5 seeds (3 for fine-tuning); tables go to docs/evaluation.md (about 90 minutes
-# on 2 cores). Its own data: runs/study/pool and runs/study/eval.
+# The transfer study: a 200-phantom pretraining pool, global and global+dense runs (24 epochs
+# each), frozen dense probe (both runs) and FlexibleUNet fine-tuning (global vs scratch, 600
+# steps) at 1, 3 and 6 labelled volumes against random init, paired over 5 seeds (3 for
+# fine-tuning); tables go to docs/evaluation.md (about 100 minutes on 2 cores, 45 of them
+# pretraining). Its own data: runs/study/pool and runs/study/eval.
 study: install
-	$(BIN)/python scripts/transfer_study.py --output runs/study --epochs 8 --ft-seeds 3 --doc docs/evaluation.md $(ARGS)
+	$(BIN)/python scripts/transfer_study.py --output runs/study --epochs 24 --ft-seeds 3 --doc docs/evaluation.md $(ARGS)
 
 # The same trainer on 2D RGB frames: synthetic endoscopy frames, preview, a short CPU run.
 demo-endoscopy: install

@@ -1,6 +1,6 @@
 """Does pretraining pay? One command: pretrain, then compare against random init, paired.
 
-    make study                                   # the default study (about 90 minutes on 2 CPU cores)
+    make study                                   # the default study (about 100 minutes on 2 CPU cores)
     python scripts/transfer_study.py --output runs/study --doc docs/evaluation.md
     python scripts/transfer_study.py --output runs/study_quick --quick     # a smoke test (minutes)
 
@@ -153,7 +153,7 @@ def _markdown(args, commands, ft_args, dense, ft_table, global_table, times) -> 
         *commands,
         "```",
         "",
-        f"Pretraining: `{args.config}`, {args.epochs} epochs on "
+        f"Pretraining: `{_shown(args.config)}`, {args.epochs} epochs on "
         f"{'the ' + str(args.pool) + ' pool phantoms' if args.pool_dir is None else args.pool_dir}"
         f"{' with ' + ' '.join(args.set) if args.set else ''}; evaluation on "
         f"{'the ' + str(args.eval) + ' evaluation phantoms (other subjects)' if args.eval_dir is None else args.eval_dir}"
@@ -175,6 +175,12 @@ def _markdown(args, commands, ft_args, dense, ft_table, global_table, times) -> 
         END,
         "",
     ])  # fmt: skip
+
+
+def _shown(path) -> str:
+    """A path as the docs show it: relative to the repository when inside it."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(path)
 
 
 def _curve_table(path: Path) -> str:
@@ -239,7 +245,9 @@ def main(argv=None) -> int:
     p.add_argument("--compare", action="append", default=[], metavar="NAME=RUN_DIR", help="also probe this run (same architecture and preprocessing; repeatable), e.g. a shorter pretraining")  # fmt: skip
     p.add_argument("--pool-dir", type=Path, default=None, help="pretrain on this folder instead")
     p.add_argument("--eval-dir", type=Path, default=None, help="evaluate on this folder instead")
-    p.add_argument("--epochs", type=int, default=12, help="pretraining epochs per run")
+    p.add_argument(
+        "--epochs", type=int, default=24, help="pretraining epochs per run (default 24: 1032 steps)"
+    )
     p.add_argument("--labelled", type=int, nargs="+", default=[1, 3, 6])
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--random-inits", type=int, default=3)
