@@ -227,7 +227,7 @@ OPTIONS: dict[str, Option] = {
     "transforms.views": Option(
         "cpu",
         (str,),
-        "3D: where the random views are made. cpu: per sample by MONAI transforms in the DataLoader workers; batched: the workers only draw each view's box and parameters and slice the box, the views of a whole batch are made at once (transforms.device); same keys, same distributions",
+        "where the random views are made. cpu: per sample in the DataLoader workers (MONAI transforms; 2D with the kornia colour ops); batched: the workers only draw each view's box and parameters and slice the box, the views of a whole batch are made at once (transforms.device; 2D: crop-resize-flip, then the colour ops and the normalisation batched); same keys, same distributions",
         ("cpu", "batched"),
     ),
     "transforms.device": Option(

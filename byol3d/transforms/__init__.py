@@ -9,6 +9,10 @@ path on ``data.spatial_dims``:
 - 2D (:mod:`byol3d.transforms.frames`): load an RGB frame as uint8; two views by BYOL's RGB
   recipe (colour ops in :mod:`~byol3d.transforms.photometric`).
 
+With ``transforms.views: batched`` both paths only draw the views' boxes and parameters per
+sample (:mod:`~byol3d.transforms.batched`) and make the views per batch
+(:mod:`~byol3d.transforms.batched_ops`).
+
 Reading files is :mod:`byol3d.data.readers`' job; the pipelines here start with its loaders.
 """
 
@@ -24,7 +28,7 @@ from byol3d.data.discovery import list_images
 from byol3d.data.stats import compute_mean_std
 from byol3d.data.store_writer import StoreReport, write_store
 from byol3d.errors import ConfigError
-from byol3d.transforms.batched import BoxViewsd
+from byol3d.transforms.batched import BoxViewsd, FrameBoxViewsd
 from byol3d.transforms.ct import PreprocessCompose, ct_preprocess, view_transforms
 from byol3d.transforms.frames import (
     FRAME_ONLY_KEYS,
@@ -62,27 +66,25 @@ def build_transforms(cfg: Mapping[str, Any]):
     other ``transforms.*`` keys to :func:`byol3d.transforms.view_transforms`, or with
     ``transforms.views: batched`` to :class:`byol3d.transforms.batched.BoxViewsd` (same keys,
     same distributions; the views are then made per batch, see
-    :mod:`byol3d.transforms.batched_ops`).
+    :mod:`byol3d.transforms.batched_ops`). 2D frames (``data.spatial_dims: 2``) go to
+    :func:`byol3d.transforms.frames.build_frame_transforms`: :func:`~byol3d.transforms.frames.frame_views`,
+    or with ``transforms.views: batched`` :class:`~byol3d.transforms.batched.FrameBoxViewsd`.
 
     Raises:
         ConfigError: settings the transforms reject (e.g. a threshold outside the HU window).
     """
     tf_cfg = cfg["transforms"]
+    batched = tf_cfg.get("views", "cpu") == "batched"
     if cfg["data"]["spatial_dims"] == 2:  # frames: byol3d.transforms.frames, same structure
-        if tf_cfg.get("views", "cpu") == "batched":
-            raise ConfigError(
-                "transforms.views batched is for 3D volumes (data.spatial_dims 3); 2D frames "
-                "make their views per sample (transforms.views cpu)"
-            )
         try:
-            return build_frame_transforms(cfg)
+            return build_frame_transforms(cfg, FrameBoxViewsd if batched else None)
         except ValueError as err:
             raise ConfigError(f"transforms: {err}") from err
     try:
         preprocess = ct_preprocess(
             **_data_arguments(cfg), **{k: tf_cfg[k] for k in _PREPROCESS_KEYS}
         )
-        make = BoxViewsd if tf_cfg.get("views", "cpu") == "batched" else view_transforms
+        make = BoxViewsd if batched else view_transforms
         views = make(
             roi_size=list(tf_cfg["roi_size"]),
             **{

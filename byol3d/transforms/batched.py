@@ -19,6 +19,13 @@ ops, per-sample separable blur, ``torch.randn`` noise) on the GPU, or on the CPU
 workers (:class:`~byol3d.transforms.batched_ops.MakeViewsCollate`, the all-CPU fallback:
 the same code).
 
+2D frames (``data.spatial_dims: 2``) get the same split: :class:`FrameBoxViewsd` draws what
+:func:`byol3d.transforms.frames.frame_views` draws (the box, the horizontal flip, the colour
+jitter's coin, order and factors, grayscale, the blur sigma, solarize, with the same config
+keys, by the same code) and slices the box out of the uint8 frame; ``make_views`` then crops,
+resizes and flips, applies the colour ops batched (kornia) and normalises with
+``transforms.mean/std``.
+
 A sample after :class:`BoxViewsd` holds, per view ``v`` (``view1``, ``view2``):
 ``v_patch`` (C, *box size) in the source dtype, ``v_box`` (spatial_dims, 2) ``[start, stop)``, ``v_flip`` (spatial_dims,), ``v_rot90``
 () - the records the dense term reads, as the CPU path writes them - and ``v_gamma`` (0: off),
@@ -44,8 +51,15 @@ from torch.utils.data import default_collate
 
 from byol3d.checks import check_pair, non_negative, per_view
 from byol3d.transforms.crops import RandResizedCropd, check_roi
+from byol3d.transforms.frames import check_mean_std
+from byol3d.transforms.photometric import (
+    RandColorJitterd,
+    RandGaussianBlurd,
+    RandGrayscaled,
+    RandSolarized,
+)
 
-__all__ = ["BoxViewsd", "collate_boxes", "slice_box", "PATCH_SUFFIX"]
+__all__ = ["BoxViewsd", "FrameBoxViewsd", "ViewDraws", "collate_boxes", "slice_box", "PATCH_SUFFIX"]
 
 #: The key suffix of the sliced regions (kept as a list by :func:`collate_boxes`).
 PATCH_SUFFIX = "_patch"
@@ -67,7 +81,66 @@ def slice_box(image: Any, lo: Sequence[int], hi: Sequence[int]) -> torch.Tensor:
     return torch.from_numpy(np.array(np.asarray(image)[index], copy=True, order="C"))
 
 
-class BoxViewsd(Randomizable, Transform):
+class ViewDraws(Randomizable, Transform):
+    """Two views' boxes and parameters drawn from one random stream; the boxes sliced out.
+
+    The common part of :class:`BoxViewsd` (3D) and :class:`FrameBoxViewsd` (2D): the view
+    keys, the :class:`RandResizedCropd` whose box distribution both use (it draws from this
+    transform's ``R``), and ``__call__``. A subclass draws one view's parameters in
+    :meth:`randomize`; what it returns goes into the sample as ``f"{view}_{name}"``.
+    """
+
+    def __init__(
+        self,
+        source_key: str,
+        view_keys: Sequence[str],
+        roi_size: Sequence[int],
+        scale: Sequence[float],
+        ratio: Sequence[float],
+    ) -> None:
+        self.roi_size = check_roi(roi_size)
+        self.view_keys = [view_keys] if isinstance(view_keys, str) else list(view_keys)
+        if (
+            len(self.view_keys) != 2
+            or len(set(self.view_keys)) != 2
+            or source_key in self.view_keys
+        ):
+            raise ValueError(
+                f"view_keys must be two distinct keys other than source_key {source_key!r}, got {view_keys!r}"
+            )
+        self.source_key = source_key
+        self.crop = RandResizedCropd("_", roi_size=self.roi_size, scale=scale, ratio=ratio)
+
+    def set_random_state(self, seed: int | None = None, state=None) -> ViewDraws:
+        super().set_random_state(seed=seed, state=state)
+        for part in self._shared_stream():  # one random stream: their draws are this transform's
+            part.R = self.R
+        return self
+
+    def _shared_stream(self) -> list:
+        """The transforms whose draws come from this one's ``R``."""
+        return [self.crop]
+
+    def randomize(self, spatial_shape: Sequence[int], view: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = d.pop(self.source_key)
+        shape = tuple(int(s) for s in image.shape[1:])
+        if len(shape) != len(self.roi_size):
+            raise ValueError(
+                f"{type(self).__name__}: roi_size {self.roi_size} is {len(self.roi_size)}D but "
+                f"{self.source_key!r} has channel-first shape {tuple(image.shape)}"
+            )
+        for i, key in enumerate(self.view_keys):
+            params = self.randomize(shape, i)
+            d[key + PATCH_SUFFIX] = slice_box(image, params["box"][:, 0], params["box"][:, 1])
+            d.update({f"{key}_{name}": value for name, value in params.items()})
+        return d
+
+
+class BoxViewsd(ViewDraws):
     """Draw two views' boxes and augmentation parameters; slice the boxes out of the image.
 
     The arguments are those of :func:`byol3d.transforms.ct.view_transforms` (same names,
@@ -107,18 +180,7 @@ class BoxViewsd(Randomizable, Transform):
         blur_prob: float | Sequence[float] = (1.0, 0.1),
         blur_sigma: Sequence[float] = (0.5, 1.5),
     ) -> None:
-        self.roi_size = check_roi(roi_size)
-        self.view_keys = [view_keys] if isinstance(view_keys, str) else list(view_keys)
-        if (
-            len(self.view_keys) != 2
-            or len(set(self.view_keys)) != 2
-            or source_key in self.view_keys
-        ):
-            raise ValueError(
-                f"view_keys must be two distinct keys other than source_key {source_key!r}, got {view_keys!r}"
-            )
-        self.source_key = source_key
-        self.crop = RandResizedCropd("_", roi_size=self.roi_size, scale=scale, ratio=ratio)
+        super().__init__(source_key, view_keys, roi_size, scale, ratio)
         self.gamma = check_pair("gamma", gamma)
         self.blur_sigma = check_pair("blur_sigma", blur_sigma, strict=False)
         self.intensity_scale = non_negative("intensity_scale", intensity_scale)
@@ -133,11 +195,6 @@ class BoxViewsd(Randomizable, Transform):
                 "(rotating the axial plane swaps them), or set rotate90_prob=0"
             )
         self.set_random_state(seed=0)
-
-    def set_random_state(self, seed: int | None = None, state=None) -> BoxViewsd:
-        super().set_random_state(seed=seed, state=state)
-        self.crop.R = self.R  # one random stream: the box draws are this transform's too
-        return self
 
     def randomize(self, spatial_shape: Sequence[int], view: int) -> dict[str, Any]:
         """One view's parameters (index ``view`` picks its probabilities) for an image shape."""
@@ -161,20 +218,97 @@ class BoxViewsd(Randomizable, Transform):
         out["noise_seed"] = np.int64(r.randint(2**31))
         return out
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        image = d.pop(self.source_key)
-        shape = tuple(int(s) for s in image.shape[1:])
-        if len(shape) != len(self.roi_size):
-            raise ValueError(
-                f"BoxViewsd: roi_size {self.roi_size} is {len(self.roi_size)}D but "
-                f"{self.source_key!r} has channel-first shape {tuple(image.shape)}"
-            )
-        for i, key in enumerate(self.view_keys):
-            params = self.randomize(shape, i)
-            d[key + PATCH_SUFFIX] = slice_box(image, params["box"][:, 0], params["box"][:, 1])
-            d.update({f"{key}_{name}": value for name, value in params.items()})
-        return d
+
+class FrameBoxViewsd(ViewDraws):
+    """Draw two 2D views' boxes and colour parameters; slice the boxes out of the frame.
+
+    The arguments are those of :func:`byol3d.transforms.frames.frame_views` (same names,
+    defaults and checks), and so are the draws: per view the box of
+    :class:`RandResizedCropd` (``scale``, ``ratio``), a horizontal flip (spatial axis 0) with
+    ``flip_prob``, then the coin and parameters of the view's own
+    :class:`~byol3d.transforms.photometric.RandColorJitterd` (the order of the four
+    adjustments and their factors), ``RandGrayscaled``, ``RandGaussianBlurd`` (one sigma in
+    ``blur_sigma``) and ``RandSolarized``, each drawn by that transform's own ``sample``
+    (from this transform's random stream). The patch is the box of the preprocessed frame
+    in its dtype (uint8: a quarter of float32 in pinned memory).
+
+    A sample holds, per view ``v``: ``v_patch`` (C, *box size), ``v_box`` (2, 2), ``v_flip``
+    (2,) (``[flipped, 0]``, as ``RecordedRandFlipd`` records it), ``v_rot90`` (0: frames are
+    not turned), ``v_jitter`` (4,) float32 brightness, contrast, saturation and hue factors
+    (``[1, 1, 1, 0]``: off), ``v_jitter_order`` (4,), ``v_grayscale`` and ``v_solarize``
+    (0/1), ``v_sigma`` (2,) (the isotropic sigma on both axes; 0: off), and ``v_mean`` /
+    ``v_std``, the normalisation (one value per channel, or one for all), so that a batch
+    says everything :func:`~byol3d.transforms.batched_ops.make_views` needs.
+
+    >>> draw = FrameBoxViewsd(roi_size=(32, 32))
+    >>> s = draw({"image": torch.zeros(3, 48, 40, dtype=torch.uint8)})
+    >>> s["view1_patch"].dtype, s["view2_box"].shape, s["view1_jitter"].shape
+    (torch.uint8, (2, 2), (4,))
+    """
+
+    def __init__(
+        self,
+        source_key: str = "image",
+        view_keys: Sequence[str] = ("view1", "view2"),
+        roi_size: Sequence[int] = (224, 224),
+        scale: Sequence[float] = (0.08, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        flip_prob: float | Sequence[float] = 0.5,
+        colour_jitter_prob: float | Sequence[float] = 0.8,
+        brightness: float = 0.4,
+        contrast: float = 0.4,
+        saturation: float = 0.2,
+        hue: float = 0.1,
+        grayscale_prob: float | Sequence[float] = 0.2,
+        blur_prob: float | Sequence[float] = (1.0, 0.1),
+        blur_sigma: Sequence[float] = (0.1, 2.0),
+        solarize_prob: float | Sequence[float] = (0.0, 0.2),
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ) -> None:
+        if len(check_roi(roi_size)) != 2:
+            raise ValueError(f"roi_size must be 2 sizes for frames, got {roi_size!r}")
+        check_pair("scale", scale, 0.0, 1.0)
+        super().__init__(source_key, view_keys, roi_size, scale, ratio)
+        mean_t, std_t = check_mean_std(mean, std)
+        self.mean, self.std = np.float32(mean_t), np.float32(std_t)
+        self.flip_prob = per_view("flip_prob", flip_prob)
+        probs = {name: per_view(name, value) for name, value in [
+            ("colour_jitter_prob", colour_jitter_prob), ("grayscale_prob", grayscale_prob),
+            ("blur_prob", blur_prob), ("solarize_prob", solarize_prob)]}  # fmt: skip
+        jitter = {"brightness": brightness, "contrast": contrast, "saturation": saturation, "hue": hue}  # fmt: skip
+        self.ops = [
+            {
+                "jitter": RandColorJitterd("_", prob=probs["colour_jitter_prob"][v], **jitter),
+                "grayscale": RandGrayscaled("_", prob=probs["grayscale_prob"][v]),
+                "blur": RandGaussianBlurd("_", prob=probs["blur_prob"][v], sigma=blur_sigma),
+                "solarize": RandSolarized("_", prob=probs["solarize_prob"][v]),
+            }
+            for v in (0, 1)
+        ]
+        self.set_random_state(seed=0)
+
+    def _shared_stream(self) -> list:
+        return [self.crop, *(op for ops in getattr(self, "ops", ()) for op in ops.values())]
+
+    def randomize(self, spatial_shape: Sequence[int], view: int) -> dict[str, Any]:
+        """One view's parameters (index ``view`` picks its probabilities) for a frame shape."""
+        ops = self.ops[view]
+        self.crop.randomize(spatial_shape)
+        out: dict[str, Any] = {"box": self.crop.box.copy()}
+        out["flip"] = np.array([self.R.rand() < self.flip_prob[view], 0], dtype=np.int64)
+        out["rot90"] = np.int64(0)
+        jitter = ops["jitter"]
+        fired = jitter.sample()
+        out["jitter"] = np.float32(jitter.factors if fired else (1.0, 1.0, 1.0, 0.0))
+        out["jitter_order"] = np.int64(jitter.order if fired else (0, 1, 2, 3))
+        out["grayscale"] = np.int64(ops["grayscale"].sample())
+        blur = ops["blur"]
+        sigma = blur.sigma if blur.sample() else 0.0
+        out["sigma"] = np.full(2, max(sigma, 0.0), dtype=np.float32)
+        out["solarize"] = np.int64(ops["solarize"].sample())
+        out["mean"], out["std"] = self.mean.copy(), self.std.copy()
+        return out
 
 
 def collate_boxes(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -19,6 +19,13 @@ workers through :class:`MakeViewsCollate`), makes what
 4. Gaussian noise from ``torch.randn`` on the device, seeded per sample (the seed drawn on
    the CPU with the other parameters), so a view does not depend on its batch.
 
+A batch of 2D frames (:class:`byol3d.transforms.batched.FrameBoxViewsd`, recognised by its
+``{view}_jitter`` draws) takes the order of :func:`byol3d.transforms.frames.frame_views`
+instead: step 1 (bilinear; flips, no turns), then uint8 to [0, 1], and
+:func:`_frame_colour`: colour jitter in each sample's drawn order, grayscale, blur (reflected
+borders), solarize, all with kornia's functions on the sub-batch of samples an op fired for,
+and the ``(x - mean) / std`` normalisation.
+
 >>> import torch
 >>> from byol3d.transforms.batched import BoxViewsd, collate_boxes
 >>> draw = BoxViewsd(roi_size=(32, 32, 32)).set_random_state(seed=0)
@@ -30,21 +37,33 @@ workers through :class:`MakeViewsCollate`), makes what
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from kornia.color import rgb_to_grayscale
+from kornia.enhance import (
+    adjust_brightness_accumulative,
+    adjust_contrast_with_mean_subtraction,
+    adjust_hue,
+    adjust_saturation_with_gray_subtraction,
+    solarize,
+)
 from monai.networks.layers import gaussian_1d
 
 from byol3d.transforms.batched import PATCH_SUFFIX, collate_boxes
 from byol3d.transforms.crops import check_roi
+from byol3d.transforms.photometric import SOLARIZE_THRESHOLD
 
 __all__ = ["MakeViewsCollate", "make_views", "view_affine", "RECORDS"]
 
 #: The per-view geometry records a made batch keeps (what the dense term reads).
 RECORDS = ("box", "flip", "rot90")
 _PARAMS = ("gamma", "scale", "shift", "sigma", "noise_std", "noise_seed")
+#: The draws of a 2D frame view (:class:`~byol3d.transforms.batched.FrameBoxViewsd`).
+_FRAME_PARAMS = ("jitter", "jitter_order", "grayscale", "sigma", "solarize", "mean", "std")
 
 
 def view_affine(
@@ -191,6 +210,9 @@ def make_views(
 ) -> dict[str, Any]:
     """The two views of a batch of :class:`~byol3d.transforms.batched.BoxViewsd` samples.
 
+    A batch of :class:`~byol3d.transforms.batched.FrameBoxViewsd` samples (2D frames) gets
+    the frame steps of the module docstring instead of the intensity, blur and noise steps.
+
     Args:
         batch: the output of :func:`~byol3d.transforms.batched.collate_boxes` (on the CPU;
             pinned patches make the copies to a GPU asynchronous).
@@ -208,14 +230,108 @@ def make_views(
     roi, device = check_roi(roi_size), torch.device(device)
     grid_sample = device.type != "cpu" if grid_sample is None else bool(grid_sample)
     dropped = {f"{k}{PATCH_SUFFIX}" for k in view_keys} | {f"{k}_{p}" for k in view_keys for p in _PARAMS}  # fmt: skip
+    dropped |= {f"{k}_{p}" for k in view_keys for p in _FRAME_PARAMS}
     out = {k: v for k, v in batch.items() if k not in dropped}
     for key in view_keys:
         x = _resample(batch, key, roi, device, grid_sample)
+        if f"{key}_jitter" in batch:  # 2D frames: colour ops, then the normalisation
+            x = _frame_colour(x, batch, key)
+            out[key] = x if memory_format is None else x.contiguous(memory_format=memory_format)
+            continue
         x = _intensity(x, batch[f"{key}_gamma"], batch[f"{key}_scale"], batch[f"{key}_shift"])
         x = _blur(x, batch[f"{key}_sigma"])
         x = _noise(x, batch[f"{key}_noise_std"], batch[f"{key}_noise_seed"])
         out[key] = x if memory_format is None else x.contiguous(memory_format=memory_format)
     return out
+
+
+def _where(mask: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The indices of the ``True`` samples of a ``(B,)`` mask, on ``device``."""
+    return torch.nonzero(mask).flatten().to(device)
+
+
+def _jitter(x: torch.Tensor, factors, order) -> torch.Tensor:
+    """torchvision's ``ColorJitter`` per sample, in place: the four adjustments in its order.
+
+    ``factors`` ``(B, 4)``: brightness, contrast, saturation, hue (``[1, 1, 1, 0]``: off),
+    ``order`` ``(B, 4)``: a permutation of 0..3 per sample. In each of the four slots, each
+    adjustment runs once on the samples that have it there (kornia, per-sample factors), as
+    :class:`~byol3d.transforms.photometric.RandColorJitterd` runs it on one image; an
+    adjustment with an identity factor is skipped as there, saturation and hue on RGB only,
+    and the jittered samples are clamped to [0, 1] at the end.
+    """
+    ops = (adjust_brightness_accumulative, adjust_contrast_with_mean_subtraction,
+           adjust_saturation_with_gray_subtraction, adjust_hue)  # fmt: skip
+    factors = torch.as_tensor(factors, dtype=torch.float64)
+    order = torch.as_tensor(order)
+    active = factors != torch.tensor([1.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+    for slot in range(4):
+        for op in range(4 if x.shape[1] == 3 else 2):
+            idx = torch.nonzero((order[:, slot] == op) & active[:, op]).flatten()
+            if idx.numel() == 0:
+                continue
+            f = factors[idx, op] * (2 * math.pi if op == 3 else 1.0)  # hue: a turn in radians
+            at = idx.to(x.device)
+            x[at] = ops[op](x[at], f.to(x.device, torch.float32))
+    jittered = _where(active.any(dim=1), x.device)
+    if jittered.numel():
+        x[jittered] = x[jittered].clamp(0.0, 1.0)
+    return x
+
+
+def _blur_reflect(x: torch.Tensor, sigma) -> torch.Tensor:
+    """Per-sample separable Gaussian blur with reflected borders, of the samples with sigma > 0.
+
+    What :class:`~byol3d.transforms.photometric.RandGaussianBlurd` does to one image (MONAI's
+    ``gaussian_1d`` kernels of :func:`_kernels`, truncated at 4 sigma, or shortened to a
+    radius of ``min(size) - 1`` when that reaches the image's border, reflection as
+    torchvision pads): one grouped convolution per axis over the blurred samples.
+    """
+    sigma = torch.as_tensor(sigma, dtype=torch.float32)
+    idx = torch.nonzero((sigma > 0).any(dim=1)).flatten()
+    if idx.numel() == 0:
+        return x
+    kernels = _kernels(sigma[idx])  # (n, dims, K)
+    radius, limit = kernels.shape[-1] // 2, min(x.shape[2:]) - 1
+    if radius > limit:  # the central taps: gaussian_1d's kernel truncated at that radius
+        kernels = kernels[..., radius - limit : radius + limit + 1]
+        radius = limit
+    at, (n, c), dims = idx.to(x.device), (int(idx.numel()), x.shape[1]), x.ndim - 2
+    y = x[at].reshape(1, n * c, *x.shape[2:])
+    kernels = kernels.to(x.device, non_blocking=True).repeat_interleave(c, dim=0)  # (n*c, dims, K)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
+    for axis in range(dims):
+        pad = [0, 0] * dims
+        pad[2 * (dims - 1 - axis)] = pad[2 * (dims - 1 - axis) + 1] = radius
+        shape = [n * c, 1] + [1] * dims
+        shape[axis + 2] = -1
+        y = conv(F.pad(y, pad, mode="reflect"), kernels[:, axis].reshape(shape), groups=n * c)
+    x[at] = y.reshape(n, c, *x.shape[2:])
+    return x
+
+
+def _frame_colour(x: torch.Tensor, batch: Mapping[str, Any], key: str) -> torch.Tensor:
+    """The 2D steps after crop-resize-flip, in :func:`~byol3d.transforms.frames.frame_views`' order.
+
+    uint8 patches to [0, 1] (``/ 255``, as its first step), colour jitter, grayscale (ITU-R
+    601 luma on the three channels), blur, solarize at
+    :data:`~byol3d.transforms.photometric.SOLARIZE_THRESHOLD`, then ``(x - mean) / std`` per
+    channel (``NormalizeIntensityd``).
+    """
+    unit = [1.0 if p.is_floating_point() else 255.0 for p in batch[key + PATCH_SUFFIX]]
+    x = x.div_(_per_sample(unit, x))
+    x = _jitter(x, batch[f"{key}_jitter"], batch[f"{key}_jitter_order"])
+    grey = _where(torch.as_tensor(batch[f"{key}_grayscale"]) > 0, x.device)
+    if grey.numel() and x.shape[1] == 3:
+        x[grey] = rgb_to_grayscale(x[grey]).expand(-1, 3, *x.shape[2:])
+    x = _blur_reflect(x, batch[f"{key}_sigma"])
+    solar = _where(torch.as_tensor(batch[f"{key}_solarize"]) > 0, x.device)
+    if solar.numel():
+        x[solar] = solarize(x[solar], thresholds=SOLARIZE_THRESHOLD)
+    shape = (x.shape[0], -1, *[1] * (x.ndim - 2))
+    mean = torch.as_tensor(batch[f"{key}_mean"]).to(x.device, torch.float32).reshape(shape)
+    std = torch.as_tensor(batch[f"{key}_std"]).to(x.device, torch.float32).reshape(shape)
+    return x.sub_(mean).div_(std)
 
 
 class MakeViewsCollate:

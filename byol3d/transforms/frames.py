@@ -26,7 +26,7 @@ reproducible the same way on the CT and the frame path.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -230,9 +230,7 @@ def frame_views(
         raise ValueError(
             f"view_keys must be two distinct keys other than source_key {source_key!r}, got {view_keys!r}"
         )
-    mean_t, std_t = _stats("mean", mean), _stats("std", std)
-    if min(std_t) <= 0:
-        raise ValueError(f"std must be positive, got {std!r}")
+    mean_t, std_t = check_mean_std(mean, std)
     check_pair("scale", scale, 0.0, 1.0)
     probs = {
         name: per_view(name, value)
@@ -272,6 +270,20 @@ def frame_views(
     )
 
 
+def check_mean_std(
+    mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[list[float], list[float]]:
+    """The views' normalisation as lists (one value per channel, or one for all; None: 0.5).
+
+    Raises:
+        ValueError: a value that is not a list of numbers, an empty list, a std <= 0.
+    """
+    mean_t, std_t = _stats("mean", mean), _stats("std", std)
+    if min(std_t) <= 0:
+        raise ValueError(f"std must be positive, got {std!r}")
+    return mean_t, std_t
+
+
 def _stats(name: str, value: Sequence[float] | None) -> list[float]:
     if value is None:
         return [0.5]
@@ -301,9 +313,7 @@ def frame_network_input(
     frozen 2D encoder sees inputs on the scale it was trained on (the views normalise inside
     :func:`frame_views`). ``mean``/``std`` as in :func:`frame_views`.
     """
-    mean_t, std_t = _stats("mean", mean), _stats("std", std)
-    if min(std_t) <= 0:
-        raise ValueError(f"std must be positive, got {std!r}")
+    mean_t, std_t = check_mean_std(mean, std)
     return Compose([_ToUnitd(key), _normalise(key, mean_t, std_t)])
 
 
@@ -354,12 +364,16 @@ VIEW_KEYS_2D = (
 )
 
 
-def build_frame_transforms(cfg: Mapping[str, Any]) -> tuple[PreprocessCompose, Compose]:
+def build_frame_transforms(
+    cfg: Mapping[str, Any], views: Callable[..., Any] | None = None
+) -> tuple[PreprocessCompose, Any]:
     """The 2D preprocessing and views of a config (``data.spatial_dims: 2``).
 
     ``data.in_channels`` and ``transforms.frame_size`` go to :func:`frame_preprocess`,
-    the keys of :data:`VIEW_KEYS_2D` to :func:`frame_views`; the 3D-only keys (``hu_window``,
-    ``pixdim``, ``rotate90_prob``, ``intensity_*``, ``gamma*``, ``noise_*``, ...) are unused.
+    the keys of :data:`VIEW_KEYS_2D` to ``views`` (default :func:`frame_views`; with
+    ``transforms.views: batched``, :class:`byol3d.transforms.batched.FrameBoxViewsd`, which
+    takes the same keys); the 3D-only keys (``hu_window``, ``pixdim``, ``rotate90_prob``,
+    ``intensity_*``, ``gamma*``, ``noise_*``, ...) are unused.
 
     ``cfg`` is a validated config (:func:`byol3d.config.validate_config` checks ``mean``
     and ``std`` against ``data.in_channels``).
@@ -370,8 +384,8 @@ def build_frame_transforms(cfg: Mapping[str, Any]) -> tuple[PreprocessCompose, C
     """
     tf_cfg, channels = cfg["transforms"], cfg["data"]["in_channels"]
     preprocess = frame_preprocess(in_channels=channels, frame_size=tf_cfg.get("frame_size"))
-    views = frame_views(**{k: tf_cfg[k] for k in VIEW_KEYS_2D if k in tf_cfg})
-    return preprocess, views
+    make = frame_views if views is None else views
+    return preprocess, make(**{k: tf_cfg[k] for k in VIEW_KEYS_2D if k in tf_cfg})
 
 
 def for_display(

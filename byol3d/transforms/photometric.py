@@ -58,12 +58,21 @@ class _RandOpd(RandomizableTransform, MapTransform):
     def apply(self, img: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def sample(self) -> bool:
+        """The coin flip, then the parameters when it fires (every draw of one call); fired?
+
+        :class:`byol3d.transforms.batched.FrameBoxViewsd` calls it to draw a view's
+        parameters exactly as this transform draws them, leaving the pixels to the device.
+        """
+        self.randomize(None)
+        if self._do_transform:
+            self.draw()
+        return bool(self._do_transform)
+
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        self.randomize(None)
-        if not self._do_transform:
+        if not self.sample():
             return d
-        self.draw()
         for key in self.key_iterator(d):
             d[key] = self.apply(as_tensor(d[key]))
         return d
@@ -160,10 +169,16 @@ class RandGaussianBlurd(_RandOpd):
         return separable_filtering(img[None], [kernel, kernel], mode="reflect")[0]
 
 
+#: BYOL's solarization threshold on [0, 1] images (Grill et al. 2020, table 6).
+SOLARIZE_THRESHOLD = 0.5
+
+
 class RandSolarized(_RandOpd):
     """Invert the pixels at or above ``threshold`` (torchvision ``RandomSolarize``), with ``prob``."""
 
-    def __init__(self, keys: KeysCollection, prob: float, threshold: float = 0.5) -> None:
+    def __init__(
+        self, keys: KeysCollection, prob: float, threshold: float = SOLARIZE_THRESHOLD
+    ) -> None:
         super().__init__(keys, prob)
         self.threshold = float(threshold)
 

@@ -47,7 +47,7 @@ from matplotlib.figure import Figure
 from byol3d.data.discovery import list_images
 from byol3d.errors import ConfigError
 from byol3d.transforms import build_transforms
-from byol3d.transforms.batched import BoxViewsd, collate_boxes
+from byol3d.transforms.batched import ViewDraws, collate_boxes
 from byol3d.transforms.batched_ops import make_views
 from byol3d.transforms.frames import for_display
 
@@ -259,7 +259,7 @@ def views_figure(cfg: Mapping[str, Any], n: int = 4, seed: int = 0):
         for path in files:
             image = preprocess({"image": path})
             sample = views(dict(image))
-            if isinstance(views, BoxViewsd):  # transforms.views batched: a batch of one
+            if isinstance(views, ViewDraws):  # transforms.views batched: a batch of one
                 made = make_views(collate_boxes([sample]), roi, "cpu")
                 sample = {k: v[0] for k, v in made.items()}
             if data_cfg["spatial_dims"] == 2:  # frames: undo the normalisation for display

@@ -73,6 +73,26 @@ def test_frames_pretrain_with_the_dense_term(frames, tmp_path):
     assert all(0.0 < d <= 8.0 for d in dense)  # 2 - 2 cos per point, both directions
 
 
+def test_batched_frame_views_pretrain_and_resume_exactly(frames, tmp_path):
+    # transforms.views batched: boxes drawn in the loader, views made per batch (on a CPU in
+    # the collate); the dense term reads their records; an interrupted run resumes exactly
+    extra = ["transforms.views=batched", "train.max_epochs=2", "data.cache=cache",
+             "model.dense_weight=1.0", "model.dense_layer=layer1", "model.dense_grid=3"]  # fmt: skip
+    cfg = load_config(None, [*TINY_2D, *extra, f"data.root={frames / 'images'}", f"output_dir={tmp_path}"])  # fmt: skip
+    straight = pretrain(cfg)
+    assert straight.iterations == 6
+    metrics = _rows(tmp_path / "metrics.csv")
+    assert all(np.isfinite(float(r["loss"])) and 0.0 < float(r["dense"]) <= 8.0 for r in metrics)
+    final = torch.load(straight.checkpoint, weights_only=True)
+    straight.checkpoint.unlink()  # interrupted after epoch 1's checkpoint
+    resumed = pretrain(cfg)
+    assert resumed.resumed_from == tmp_path / "checkpoints" / "checkpoint_1.pt"
+    again = torch.load(resumed.checkpoint, weights_only=True)
+    assert again["trainer"]["iteration"] == 6
+    for key, value in final["model"].items():
+        assert torch.equal(value, again["model"][key]), key
+
+
 def test_a_csv_list_pretrains_with_or_without_labels(frames, tmp_path):
     cfg = load_config(
         None,
@@ -177,6 +197,10 @@ def test_stats_and_preview_commands_on_frames(frames, tmp_path, capsys):
         ]
     )
     assert code == 0 and png.is_file() and png.stat().st_size > 1000
+    batched = tmp_path / "batched.png"  # the batched views, a batch of one per frame
+    code = main(["preview", "configs/demo_endoscopy.yaml", f"data.root={frames / 'images'}",
+                 "transforms.views=batched", "--n", "2", "--output", str(batched)])  # fmt: skip
+    assert code == 0 and batched.stat().st_size > 1000
 
 
 @pytest.mark.parametrize("name", ["endoscopy_resnet50", "demo_endoscopy"])

@@ -200,6 +200,3 @@ def test_config_switch_builds_the_batched_views_and_rejects_bad_values():
     assert isinstance(views, BoxViewsd) and views.probs["blur_prob"] == (1.0, 0.1)
     with pytest.raises(ConfigError, match="transforms.views"):
         load_config(None, ["transforms.views=gpu"])
-    frames = load_config(None, ["data.spatial_dims=2", "data.in_channels=3", "transforms.roi_size=[64,64]", "transforms.views=batched"])  # fmt: skip
-    with pytest.raises(ConfigError, match="transforms.views batched is for 3D"):
-        build_transforms(frames)
