@@ -16,6 +16,13 @@
    is paired per repeat (monai time over the side's) and reported as a geometric mean with a
    95% t interval over repeats.
 
+   The same for 2D frames (:func:`run_frame_view_cost_benchmark`, one uint8 RGB frame as the
+   cache holds it): ``frame_views`` (:func:`byol3d.transforms.frames.frame_views`, per
+   sample), ``batched_device_frame_views`` (:class:`~byol3d.transforms.batched.FrameBoxViewsd`,
+   collate, pin on CUDA) and ``batched_cpu_frame_views`` (plus ``make_views`` on the CPU).
+   Standalone: ``python scripts/bench_views.py --frames [--shape 480 400] [--rois 224]
+   [--batch 16] [--repeats 5]`` prints the rows as a table.
+
 2. **End to end, loader to step** (:func:`run_end_to_end`): byol3d (``ViewDataset`` of the
    preprocessed volumes with batched views through :func:`byol3d.training.distributed.make_loader`,
    made in the workers on a CPU or by ``DeviceViewLoader`` on a GPU, feeding byol3d's Ignite
@@ -38,9 +45,10 @@ from byol3d.data.datasets import ViewDataset
 from byol3d.evaluation.stats import paired_difference
 from byol3d.training.accel import DeviceViewLoader
 from byol3d.training.distributed import make_loader
-from byol3d.transforms.batched import BoxViewsd, collate_boxes
+from byol3d.transforms.batched import BoxViewsd, FrameBoxViewsd, collate_boxes
 from byol3d.transforms.batched_ops import MakeViewsCollate
 from byol3d.transforms.ct import view_transforms
+from byol3d.transforms.frames import frame_views
 
 
 def paired_ratio(numerators, denominators) -> dict:
@@ -71,15 +79,21 @@ def _cpu_seconds(fn) -> float:
     return time.thread_time() - start
 
 
-def _sides(roi, image, batch):
-    monai = view_transforms(roi_size=roi)
-    draw = BoxViewsd(roi_size=roi)
+def _frame(shape, seed=0) -> torch.Tensor:
+    """A smooth uint8 RGB frame ``(3, *shape)``, as the frame cache holds it."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(1, 3, *[max(2, s // 16) for s in shape], generator=g)
+    return (255 * torch.nn.functional.interpolate(coarse, size=shape, mode="bilinear")[0]).to(torch.uint8)  # fmt: skip
+
+
+def _sides(per_sample, draw, roi, image, batch, names):
+    """The three sides: per-sample views, the CPU part of device views, the all-CPU fallback."""
     make = MakeViewsCollate(roi)
     pin = torch.cuda.is_available()
 
-    def monai_views():
+    def per_sample_views():
         for _ in range(batch):
-            monai({"image": image})
+            per_sample({"image": image})
 
     def device_views():
         out = collate_boxes([draw({"image": image}) for _ in range(batch)])
@@ -90,38 +104,61 @@ def _sides(roi, image, batch):
     def cpu_views():
         return make([draw({"image": image}) for _ in range(batch)])
 
-    for t in (monai, draw):
+    for t in (per_sample, draw):
         t.set_random_state(seed=0)
-    return {"monai_views": monai_views, "batched_device_views": device_views,
-            "batched_cpu_views": cpu_views}  # fmt: skip
+    return dict(zip(names, (per_sample_views, device_views, cpu_views), strict=True))
 
 
-def run_view_cost_benchmark(shape, rois, batch: int, repeats: int, log=print) -> list[dict]:
-    """CPU ms per sample (two views) of each side at each roi; paired ratios vs monai."""
+def _time_sides(sides, batch: int, repeats: int, label: str, log) -> dict[str, list[float]]:
+    """CPU seconds per sample of each side, per repeat (after one warm-up), sides alternating."""
+    for fn in sides.values():
+        fn()  # warm-up
+    times = {name: [] for name in sides}
+    for r in range(repeats):
+        order = list(sides) if r % 2 == 0 else list(reversed(sides))
+        for name in order:
+            times[name].append(_cpu_seconds(sides[name]) / batch)
+        log(f"{label} repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {times[n][-1] * 1e3:.1f} ms" for n in order))  # fmt: skip
+    return times
+
+
+def _view_cost_rows(section, shape, rois, batch, repeats, log, image, sides_at) -> list[dict]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     rows = []
     try:
-        image = _volume(shape)
-        for roi in rois:
-            roi = (roi,) * 3
-            sides = _sides(roi, image, batch)
-            for fn in sides.values():
-                fn()  # warm-up
-            times = {name: [] for name in sides}
-            for r in range(repeats):
-                order = list(sides) if r % 2 == 0 else list(reversed(sides))
-                for name in order:
-                    times[name].append(_cpu_seconds(sides[name]) / batch)
-                log(f"views {roi[0]}^3 repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in order))  # fmt: skip
+        for size in rois:
+            roi = (size,) * len(shape)
+            sides = sides_at(roi, image)
+            times = _time_sides(sides, batch, repeats, f"{section} {size}^{len(shape)}", log)
+            baseline = times[next(iter(sides))]
             for name, secs in times.items():
-                pair = paired_ratio(times["monai_views"], secs)
-                rows.append({"section": "views", "name": name, "roi": roi[0], "volume": list(shape),
+                rows.append({"section": section, "name": name, "roi": size, "volume": list(shape),
                              "batch": batch, "cpu_ms_per_sample": 1e3 * float(np.median(secs)),
-                             "cpu_s_per_sample": secs, "vs_monai": pair})  # fmt: skip
+                             "cpu_s_per_sample": secs, "vs_monai": paired_ratio(baseline, secs)})  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     return rows
+
+
+def run_view_cost_benchmark(shape, rois, batch: int, repeats: int, log=print) -> list[dict]:
+    """CPU ms per sample (two views) of each side at each roi; paired ratios vs monai."""
+    names = ("monai_views", "batched_device_views", "batched_cpu_views")
+
+    def sides_at(roi, image):
+        return _sides(view_transforms(roi_size=roi), BoxViewsd(roi_size=roi), roi, image, batch, names)  # fmt: skip
+
+    return _view_cost_rows("views", shape, rois, batch, repeats, log, _volume(shape), sides_at)
+
+
+def run_frame_view_cost_benchmark(shape, rois, batch: int, repeats: int, log=print) -> list[dict]:
+    """The same for 2D frames: CPU ms per sample (two views); ratios vs the per-sample path."""
+    names = ("frame_views", "batched_device_frame_views", "batched_cpu_frame_views")
+
+    def sides_at(roi, image):
+        return _sides(frame_views(roi_size=roi), FrameBoxViewsd(roi_size=roi), roi, image, batch, names)  # fmt: skip
+
+    return _view_cost_rows("frame_views", shape, rois, batch, repeats, log, _frame(shape), sides_at)
 
 
 def _e2e_sides(setup, volumes, batch: int, workers: int, has_lightly: bool):
@@ -185,3 +222,30 @@ def run_end_to_end(setup, shape, n_volumes, batch, workers, repeats, has_lightly
         ),  # fmt: skip
     }
     return rows, ratios
+
+
+def main(argv=None) -> list[dict]:
+    """``python scripts/bench_views.py [--frames] ...``: the view-cost rows as a markdown table."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="CPU time per sample of the view paths")
+    parser.add_argument("--frames", action="store_true", help="2D frames instead of volumes")
+    parser.add_argument("--shape", type=int, nargs="+", help="image shape (default 480 400 / 240 170 300)")  # fmt: skip
+    parser.add_argument("--rois", type=int, nargs="+", help="view sizes (default 224 / 96 128)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    run = run_frame_view_cost_benchmark if args.frames else run_view_cost_benchmark
+    shape = args.shape or ([480, 400] if args.frames else [240, 170, 300])
+    rois = args.rois or ([224] if args.frames else [96, 128])
+    rows = run(tuple(shape), rois, args.batch, args.repeats)
+    print("| name | roi | CPU ms per sample, median | vs per-sample [95% CI] |\n|---|---|---|---|")
+    for r in rows:
+        ratio = r["vs_monai"]
+        ci = f" [{ratio['ci'][0]:.2f}-{ratio['ci'][1]:.2f}]" if ratio["ci"] else ""
+        print(f"| {r['name']} | {r['roi']} | {r['cpu_ms_per_sample']:.2f} | {ratio['ratio']:.2f}x{ci} |")  # fmt: skip
+    return rows
+
+
+if __name__ == "__main__":
+    main()
