@@ -75,20 +75,22 @@ def test_frames_pretrain_with_the_dense_term(frames, tmp_path):
 
 def test_batched_frame_views_pretrain_and_resume_exactly(frames, tmp_path):
     # transforms.views batched: boxes drawn in the loader, views made per batch (on a CPU in
-    # the collate); the dense term reads their records; an interrupted run resumes exactly
-    extra = ["transforms.views=batched", "train.max_epochs=2", "data.cache=cache",
+    # the collate), for training and validation; the dense term reads their records; an
+    # interrupted run resumes exactly
+    extra = ["transforms.views=batched", "train.max_epochs=2", "data.cache=cache", "data.val_fraction=0.34",
              "model.dense_weight=1.0", "model.dense_layer=layer1", "model.dense_grid=3"]  # fmt: skip
     cfg = load_config(None, [*TINY_2D, *extra, f"data.root={frames / 'images'}", f"output_dir={tmp_path}"])  # fmt: skip
     straight = pretrain(cfg)
-    assert straight.iterations == 6
+    assert straight.iterations == 4  # 4 training frames, batch 2, 2 epochs
     metrics = _rows(tmp_path / "metrics.csv")
     assert all(np.isfinite(float(r["loss"])) and 0.0 < float(r["dense"]) <= 8.0 for r in metrics)
+    assert all(float(r["val_loss"]) >= 0 for r in _rows(tmp_path / "epochs.csv"))
     final = torch.load(straight.checkpoint, weights_only=True)
     straight.checkpoint.unlink()  # interrupted after epoch 1's checkpoint
     resumed = pretrain(cfg)
     assert resumed.resumed_from == tmp_path / "checkpoints" / "checkpoint_1.pt"
     again = torch.load(resumed.checkpoint, weights_only=True)
-    assert again["trainer"]["iteration"] == 6
+    assert again["trainer"]["iteration"] == 4
     for key, value in final["model"].items():
         assert torch.equal(value, again["model"][key]), key
 
