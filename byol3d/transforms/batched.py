@@ -289,7 +289,7 @@ class FrameBoxViewsd(ViewDraws):
         self.set_random_state(seed=0)
 
     def _shared_stream(self) -> list:
-        return [self.crop, *(op for ops in getattr(self, "ops", ()) for op in ops.values())]
+        return [self.crop, *(op for ops in self.ops for op in ops.values())]
 
     def randomize(self, spatial_shape: Sequence[int], view: int) -> dict[str, Any]:
         """One view's parameters (index ``view`` picks its probabilities) for a frame shape."""

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from byol3d.config import load_config
+from byol3d.models.correspondence import source_to_view
 from byol3d.training.accel import DeviceViewLoader
+from byol3d.training.engine import view_geometry
 from byol3d.transforms import build_transforms
 from byol3d.transforms.batched import FrameBoxViewsd, collate_boxes
 from byol3d.transforms.batched_ops import MakeViewsCollate, make_views
@@ -74,6 +76,25 @@ def test_views_equal_the_cpu_paths_ops_with_the_same_draws(grid_sample, channels
         for i in range(16):
             want = reference(image, batch, key, i, ROI)
             torch.testing.assert_close(made[key][i], want, atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("grid_sample", [True, False])
+def test_records_locate_every_source_point_in_the_made_view(grid_sample):
+    # a linear ramp survives bilinear resampling exactly, so the made view read at
+    # source_to_view(p) must give the ramp's value at p (what the dense term relies on)
+    rows, cols = torch.meshgrid(torch.arange(40.0) + 0.5, torch.arange(36.0) + 0.5, indexing="ij")
+    ramp = (0.01 * rows + 0.02 * cols)[None].expand(3, -1, -1).contiguous()
+    plain = dict(colour_jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0)
+    batch = frames_batch(8, ramp, seed=4, roi_size=(16, 16), mean=0.0, std=1.0, **plain)
+    made = make_views(batch, (16, 16), grid_sample=grid_sample)
+    assert made["view1_flip"][:, 0].any() and not made["view1_flip"][:, 0].all()
+    geo = view_geometry(made, "view1")
+    lo, hi = geo["box"][..., 0].float(), geo["box"][..., 1].float()
+    points = lo[:, None] + (torch.rand(8, 20, 2) * 0.6 + 0.2) * (hi - lo)[:, None]
+    u = source_to_view(points, geo["box"], geo["flip"], geo["rot90"])
+    read = torch.nn.functional.grid_sample(made["view1"], (2 * u - 1).flip(-1)[:, :, None], align_corners=False)  # fmt: skip
+    want = 0.01 * points[..., 0] + 0.02 * points[..., 1]
+    torch.testing.assert_close(read[:, 0, :, 0], want, atol=1e-4, rtol=0)
 
 
 def test_output_shape_dtype_keys_and_normalisation_match_the_cpu_path():
