@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # byol3d on a GPU in one go (about 6-8 minutes on an H100/H200):
 #   1. a bf16 training smoke run with train.compile, channels_last and device-side views
-#      (transforms.views: batched) on synthetic CT phantoms;
+#      (transforms.views: batched) on synthetic CT phantoms, and a short one on synthetic
+#      endoscopy frames with the batched 2D views (colour ops on the device);
 #   2. the full benchmark (ResNet-50 3D at 128^3, batch 8; the view-path CPU costs and the
 #      end-to-end loader-to-step row), without the slow file-synthesis data rows;
 #   3. one summary, $OUT/gpu_check.json: samples/s, peak memory, achieved TFLOP/s against the
@@ -52,11 +53,13 @@ if ((DRY)); then
          model.projection_dim=16 train.max_epochs=1 train.device=cpu train.amp=none
          train.compile=false 'train.channels_last="on"')
   BENCH=(--tiny --device cpu)
+  FRAMES=(train.device=cpu train.amp=none)
   N=6
 else
   SMOKE=(model.encoder=resnet50 transforms.roi_size=[128,128,128] train.max_epochs=2
          train.device=cuda train.amp=bf16 train.compile=true 'train.channels_last="on"')
   BENCH=(--no-switches --skip-data)
+  FRAMES=(train.device=cuda train.amp=bf16 'train.channels_last="on"')
   N=24
 fi
 
@@ -71,6 +74,13 @@ start=$(date +%s.%N)
   train.tensorboard=false data.num_workers=4 data.val_fraction=0.2 "${SMOKE[@]}" \
   > "$OUT/smoke.log" 2>&1 || { tail -20 "$OUT/smoke.log" >&2; fail "the smoke run failed (log: $OUT/smoke.log)"; }
 end=$(date +%s.%N)
+log "1/3 frames smoke run (transforms.views=batched ${FRAMES[*]})"
+"$PY" -m byol3d demo-data "$OUT/frames_data" --kind endoscopy --n 16 >/dev/null
+rm -rf "$OUT/frames_run"
+"$PY" -m byol3d pretrain configs/demo_endoscopy.yaml "data.root=$OUT/frames_data/images" \
+  "output_dir=$OUT/frames_run" transforms.views=batched train.max_epochs=1 train.batch_size=4 \
+  train.progress=false data.num_workers=2 "${FRAMES[@]}" > "$OUT/frames.log" 2>&1 \
+  || { tail -20 "$OUT/frames.log" >&2; fail "the frames smoke run failed (log: $OUT/frames.log)"; }
 
 log "2/3 benchmark (${BENCH[*]})"
 "$PY" scripts/benchmark.py "${BENCH[@]}" --json "$OUT/bench.json" --markdown "$OUT/bench.md" \
@@ -86,6 +96,7 @@ bench = json.loads((out / "bench.json").read_text())
 rows = {r["name"]: r for r in bench["rows"]}
 step = rows.get("byol3d_defaults", {})
 metrics = list(csv.DictReader((run / "metrics.csv").open()))
+frames = list(csv.DictReader((out / "frames_run" / "metrics.csv").open()))
 summary = {
     "machine": bench["machine"],
     "versions": bench["versions"],
@@ -95,6 +106,10 @@ summary = {
         "final_loss": float(metrics[-1]["loss"]) if metrics else None,
         "losses_finite": all(float(r["loss"]) == float(r["loss"]) for r in metrics),
     },
+    "frames_smoke": {
+        "iterations": len(frames),
+        "losses_finite": all(float(r["loss"]) == float(r["loss"]) for r in frames),
+    },
     "step": {k: step.get(k) for k in ("encoder", "size", "batch", "precision", "samples_per_s", "peak_mem_mib", "tflops")},
     "flops": bench["flops"],
     "ratios": bench["ratios"],
@@ -103,6 +118,6 @@ summary = {
     "views_cpu_ms": {f"{r['name']}@{r['roi']}": r["cpu_ms_per_sample"] for r in bench["rows"] if r["section"] == "views"},
 }
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=2, default=str))
-print(json.dumps({k: summary[k] for k in ("smoke", "step", "ratios")}, indent=2, default=str))
+print(json.dumps({k: summary[k] for k in ("smoke", "frames_smoke", "step", "ratios")}, indent=2, default=str))
 EOF
 log "done: $OUT/gpu_check.json"

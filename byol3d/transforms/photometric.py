@@ -59,7 +59,9 @@ class _RandOpd(RandomizableTransform, MapTransform):
         raise NotImplementedError
 
     def sample(self) -> bool:
-        """The coin flip, then the parameters when it fires (every draw of one call); fired?
+        """Draw what one call draws: the coin flip, then the op's parameters if it fires.
+
+        Returns whether it fired.
 
         :class:`byol3d.transforms.batched.FrameBoxViewsd` calls it to draw a view's
         parameters exactly as this transform draws them, leaving the pixels to the device.
