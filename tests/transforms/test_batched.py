@@ -18,9 +18,11 @@ from byol3d.transforms.batched import BoxViewsd, collate_boxes, slice_box
 from byol3d.transforms.batched_ops import (
     MakeViewsCollate,
     _blur,
+    _blur_batched,
     _intensity,
     _noise,
     _resample,
+    _resize_flip_turn,
     make_views,
 )
 from byol3d.transforms.crops import RandResizedCropd
@@ -43,7 +45,7 @@ def test_view_equals_the_cpu_paths_crop_resize_flip_and_turn_of_the_same_box(gri
     batch["view1_patch"][0] = image[:, 3:19, 5:21, 2:14].clone()
     made = _resample(batch, "view1", ROI, torch.device("cpu"), grid_sample)
     crop = RandResizedCropd("image", roi_size=ROI)
-    assert {int(k) for k in batch["view1_rot90"]} >= {0, 1} and batch["view1_flip"].any()
+    assert {int(k) for k in batch["view1_rot90"]} == {0, 1, 2, 3} and batch["view1_flip"].any()
     for i in range(12):
         ref = crop._crop_resize(image, batch["view1_box"][i].numpy())
         axes = [a + 1 for a in range(3) if batch["view1_flip"][i, a]]
@@ -80,6 +82,38 @@ def test_intensity_and_blur_equal_monai_with_the_same_parameters():
         ref = ShiftIntensity(float(shift[i]))(ref)
         ref = GaussianSmooth(sigma[i].tolist())(ref) if sigma[i].any() else ref
         torch.testing.assert_close(out[i], torch.as_tensor(ref), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_one_flip_and_a_transposed_read_are_the_recorded_flips_then_the_turn(spatial_dims):
+    # flips and transposes only move voxels: exact equality, every flip set and turn
+    patch = torch.rand(2, *(6, 6, 5)[:spatial_dims])
+    for code in range(2**spatial_dims):
+        flip = torch.tensor([(code >> a) & 1 for a in range(spatial_dims)])
+        for k in range(4):
+            out = torch.empty_like(patch)
+            _resize_flip_turn(patch, patch.shape[1:], flip, k, out)
+            axes = [a + 1 for a in range(spatial_dims) if flip[a]]
+            assert torch.equal(out, torch.rot90(torch.flip(patch, axes), k, (1, 2)))
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_cpu_blur_equals_the_batched_blur_and_monai_also_where_the_kernel_outgrows_the_view(
+    spatial_dims,
+):
+    # kernel radius 4 * sigma: 6 voxels at sigma 1.5, more than the 5-voxel axes of the second
+    # shape, so taps that fall wholly outside the view are skipped (zero padding)
+    for shape in ((20, 18, 16), (5, 9, 4)):
+        x = torch.rand(4, 2, *shape[:spatial_dims])
+        sigma = torch.tensor([[0.6, 1.5, 0.9], [0.0, 0.0, 0.0], [1.5, 0.5, 1.2], [1.1, 1.1, 0.7]])
+        sigma = sigma[:, :spatial_dims]
+        cpu = _blur(x.clone(), sigma)
+        batched = _blur_batched(x.clone(), sigma, torch.tensor([0, 2, 3]))
+        torch.testing.assert_close(cpu, batched, atol=1e-6, rtol=0)
+        assert torch.equal(cpu[1], x[1])
+        for i in (0, 2, 3):
+            ref = torch.as_tensor(GaussianSmooth(sigma[i].tolist())(x[i]))
+            torch.testing.assert_close(cpu[i], ref, atol=1e-6, rtol=0)
 
 
 def test_noise_has_the_drawn_std_and_follows_its_seed_alone():
