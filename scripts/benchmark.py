@@ -5,6 +5,7 @@
     python scripts/benchmark.py --tiny --json /tmp/b.json            # seconds; the contract test
     make bench ARGS="--quality --json quality.json --markdown quality.md"   # representation quality
     python scripts/benchmark.py --quick --only-networks              # the per-network rows only
+    python scripts/benchmark.py --quick --views-only --repeats 5     # the view-path CPU costs only
 
 ``--quality`` trains byol3d's 2D BYOL and lightly's BYOL example loop side by side on tiles of
 real photos and compares linear probe and kNN accuracy against random init
@@ -308,6 +309,13 @@ def _paired(rows, a, b) -> dict:
     return paired_ratio(tb, ta)
 
 
+#: The view-path ratios (today's CPU time per sample over the side's, at the largest roi).
+VIEW_RATIOS = {
+    "data_cpu_time_vs_monai_device_views": "batched_device_views",
+    "data_cpu_time_vs_monai_cpu_views": "batched_cpu_views",
+}
+
+
 def _views_ratio(rows, side: str) -> dict:
     """Today's per-sample CPU time over ``side``'s at the largest roi measured (128^3 in full
     and quick runs)."""
@@ -346,6 +354,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-switches", action="store_true", help="skip the speed-switch rows")
     ap.add_argument("--skip-startup", action="store_true", help="skip the start-up/store rows")
     ap.add_argument("--startup-only", action="store_true", help="only the start-up and store rows")
+    ap.add_argument(
+        "--views-only", action="store_true", help="only the view-path CPU costs (--repeats: theirs)"
+    )
     ap.add_argument(
         "--quality", action="store_true", help="representation quality vs lightly and random init"
     )
@@ -391,6 +402,15 @@ def main(argv=None) -> dict:
     if args.startup_only:
         rows, startup = startup_rows(preset, log)
         return write_result(args, device, started, rows, startup_ratios(startup), startup=startup)
+
+    if args.views_only:
+        v = preset["views"]
+        rows = run_view_cost_benchmark(
+            v["shape"], v["rois"], v["batch"], args.repeats or v["repeats"], log
+        )
+        paired = {k: _views_ratio(rows, side) for k, side in VIEW_RATIOS.items()}
+        ratios = {k: p["ratio"] for k, p in paired.items()}
+        return write_result(args, device, started, rows, ratios, paired=paired)
 
     if args.only_networks:
         rows = network_rows(preset, device, (hidden, proj), (iters, repeats), args, mem, log)
@@ -481,8 +501,7 @@ def main(argv=None) -> dict:
     if not args.skip_views:
         v = preset["views"]
         rows += run_view_cost_benchmark(v["shape"], v["rois"], v["batch"], v["repeats"], log)
-        paired["data_cpu_time_vs_monai_device_views"] = _views_ratio(rows, "batched_device_views")
-        paired["data_cpu_time_vs_monai_cpu_views"] = _views_ratio(rows, "batched_cpu_views")
+        paired.update({k: _views_ratio(rows, side) for k, side in VIEW_RATIOS.items()})
     if not args.skip_e2e:
         e = preset["e2e"]
         setup_e = StepSetup(3, e["encoder"], e["size"], e["batch"], 1, device, hidden, proj)
@@ -669,16 +688,15 @@ def _fmt(v, spec=".2f"):
 def to_markdown(result: dict) -> str:
     """The step, data and ratio tables as markdown (what docs/benchmarks.md shows)."""
     rows = result["rows"]
-    lines = [
-        f"Machine: {result['machine']}  ",
-        f"Versions: {result['versions']}",
-        "",
-        "| group | name | side | setting | precision | encoder, input, batch | samples/s median [min-max] | TFLOP/s | peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        if r["section"] != "step":
-            continue
+    lines = [f"Machine: {result['machine']}  ", f"Versions: {result['versions']}"]
+    steps = [r for r in rows if r["section"] == "step"]
+    if steps:
+        lines += [
+            "",
+            "| group | name | side | setting | precision | encoder, input, batch | samples/s median [min-max] | TFLOP/s | peak MiB |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+    for r in steps:
         shape = f"{r['encoder']}, {r['size']}^{r['spatial_dims']}, {r['batch']}"
         if r.get("status") != "ok":
             lines.append(

@@ -104,6 +104,22 @@ def test_tiny_benchmark_writes_the_json_contract(tmp_path):
     assert npy["bytes"] >= 2 * 64 * 64 * 48 and npy["crop_ms_warm"] > 0 and npy["size_vs_npy"] == 1
 
 
+def test_views_only_writes_just_the_view_rows_and_their_ratios(tmp_path):
+    bench = load_benchmark()
+    out, md = tmp_path / "views.json", tmp_path / "views.md"
+    bench.main(["--tiny", "--views-only", "--repeats", "3", "--json", str(out), "--markdown", str(md)])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert {r["section"] for r in result["rows"]} == {"views"}
+    assert {r["name"] for r in result["rows"]} == {"monai_views", "batched_device_views", "batched_cpu_views"}  # fmt: skip
+    assert all(len(r["cpu_s_per_sample"]) == 3 for r in result["rows"])
+    keys = {"data_cpu_time_vs_monai_device_views", "data_cpu_time_vs_monai_cpu_views"}
+    assert set(result["ratios"]) == keys and set(result["intervals"]) == keys
+    for key in keys:
+        lo, hi = result["intervals"][key]
+        assert lo <= result["ratios"][key] <= hi
+    assert "| batched_cpu_views | 32^3 |" in md.read_text() and "| group |" not in md.read_text()
+
+
 @pytest.mark.slow  # a few minutes: nine processes that each import torch and MONAI
 def test_startup_rows_write_their_json_contract(tmp_path):
     bench = load_benchmark()
