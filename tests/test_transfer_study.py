@@ -16,7 +16,9 @@ def test_quick_study_writes_every_table_into_the_doc(tmp_path, monkeypatch):
     study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(study)
     doc = tmp_path / "evaluation.md"
-    doc.write_text("# Evaluation\n\n<!-- study:start -->\nstale section text\n<!-- study:end -->\n\ntail\n")
+    doc.write_text(
+        "# Evaluation\n\n<!-- study:start -->\nstale section text\n<!-- study:end -->\n\ntail\n"
+    )
     assert study.main(["--output", str(tmp_path / "study"), "--quick", "--doc", str(doc)]) == 0
     text = doc.read_text()
     assert "stale section text" not in text and text.endswith("tail\n")
