@@ -187,7 +187,9 @@ def _curve_table(path: Path) -> str:
     """Test Dice along fine-tuning (seed 0, ``curve.csv``): does it reach its plateau?"""
     if not path.exists():
         return ""
-    rows = list(csv.DictReader(open(path)))
+    rows = [
+        r for r in csv.DictReader(open(path)) if r["seed"] == "0"
+    ]  # the last point has every seed
     its = sorted({int(r["iteration"]) for r in rows})
     lines = ["", "Test Dice along fine-tuning (seed 0):", "",
              "| variant | labelled | " + " | ".join(f"{i} it." for i in its) + " |",
