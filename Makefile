@@ -44,7 +44,7 @@ demo: demo-data
 # The transfer study: a 200-phantom pretraining pool, global and global+dense runs (24 epochs
 # each), frozen dense probe (both runs) and FlexibleUNet fine-tuning (global vs scratch, 600
 # steps) at 1, 3 and 6 labelled volumes against random init, paired over 5 seeds (3 for
-# fine-tuning); tables go to docs/evaluation.md (about 100 minutes on 2 cores, 45 of them
+# fine-tuning); tables go to docs/evaluation.md (about 90 minutes on 2 quiet cores, 25 of them
 # pretraining). Its own data: runs/study/pool and runs/study/eval.
 study: install
 	$(BIN)/python scripts/transfer_study.py --output runs/study --epochs 24 --ft-seeds 3 --doc docs/evaluation.md $(ARGS)

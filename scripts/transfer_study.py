@@ -1,6 +1,6 @@
 """Does pretraining pay? One command: pretrain, then compare against random init, paired.
 
-    make study                                   # the default study (about 100 minutes on 2 CPU cores)
+    make study                                   # the default study (about 90 minutes on 2 CPU cores)
     python scripts/transfer_study.py --output runs/study --doc docs/evaluation.md
     python scripts/transfer_study.py --output runs/study_quick --quick     # a smoke test (minutes)
 
