@@ -66,7 +66,12 @@ from byol3d.data.discovery import segmentation_pairs
 from byol3d.data.readers import as_tensor
 from byol3d.errors import DataError
 from byol3d.evaluation.features import LoadedEncoder, load_encoder, random_encoder
-from byol3d.evaluation.stats import dice_per_label, labelled_sets, paired_difference
+from byol3d.evaluation.stats import (
+    PairedDifference,
+    dice_per_label,
+    labelled_sets,
+    paired_difference,
+)
 from byol3d.models.correspondence import feature_stride, upsample_to_voxels
 from byol3d.models.encoders import layer_outputs
 from byol3d.transforms import build_eval_transform
@@ -440,6 +445,5 @@ def format_dense_report(report: Mapping[str, Any]) -> str:
 
 
 def _difference(s: Mapping[str, Any]) -> str:
-    if s["n"] > 1:
-        return f"{s['mean_difference']:+.3f} [{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]"
-    return f"{s['mean_difference']:+.3f} (1 seed)"
+    """A summary dict of the report (``PairedDifference.as_dict``) as its table cell."""
+    return PairedDifference(**s).format()

@@ -57,6 +57,14 @@ from byol3d.transforms.photometric import (
 )
 
 
+def short_side_size(shape: Sequence[int], size: int | None) -> tuple[int, ...]:
+    """The spatial shape :class:`ShortSideResized` gives a frame of ``shape`` (None: unchanged)."""
+    short = min(shape)
+    if size is None or short <= size:
+        return tuple(int(s) for s in shape)
+    return tuple(max(1, round(s * size / short)) for s in shape)
+
+
 class ShortSideResized(MapTransform):
     """Shrink a ``(C, W, H)`` image so its shorter side is ``size`` (aspect kept, antialiased).
 
@@ -72,10 +80,9 @@ class ShortSideResized(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             img = as_tensor(d[key])
-            short = min(img.shape[1:])
-            if short <= self.size:
+            new = short_side_size(img.shape[1:], self.size)
+            if new == tuple(img.shape[1:]):
                 continue
-            new = [max(1, round(s * self.size / short)) for s in img.shape[1:]]
             out = torch.nn.functional.interpolate(
                 img[None].float(), size=new, mode="bilinear", antialias=True, align_corners=False
             )[0]
@@ -106,10 +113,7 @@ class LoadFrameLabelMapd(MapTransform):
         path = d[self.label_key]
         label = torch.as_tensor(read_label_map(path))[None]
         want = tuple(d[self.image_key].shape[1:])
-        size = tuple(label.shape[1:])
-        if self.frame_size is not None and min(size) > self.frame_size:
-            size = tuple(max(1, round(s * self.frame_size / min(size))) for s in size)
-        if size != want:
+        if short_side_size(label.shape[1:], self.frame_size) != want:
             image = d[self.image_key].meta.get("filename_or_obj", self.image_key) if isinstance(d[self.image_key], MetaTensor) else self.image_key  # fmt: skip
             raise DataError(f"label map {str(path)!r} is {label.shape[1]}x{label.shape[2]} pixels, which does not match its image {str(image)!r} ({want[0]}x{want[1]} after preprocessing)")  # fmt: skip
         if tuple(label.shape[1:]) != want:
