@@ -1,36 +1,29 @@
-"""View-path part of scripts/benchmark.py: CPU time of the views, and loader-to-step throughput.
+"""View-path part of scripts/benchmark.py: CPU time per sample of the view paths.
 
-1. **CPU time per sample of two views** (:func:`run_view_cost_benchmark`), on one in-memory
-   preprocessed volume (float32, as the RAM cache holds it), at each ``roi_size``, in this
-   thread only (``torch.set_num_threads(1)``, ``time.thread_time``: the CPU seconds of the
-   work itself, whatever else runs on the machine):
+**CPU time per sample of two views** (:func:`run_view_cost_benchmark`), on one in-memory
+preprocessed volume (float32, as the RAM cache holds it), at each ``roi_size``, in this
+thread only (``torch.set_num_threads(1)``, ``time.thread_time``: the CPU seconds of the
+work itself, whatever else runs on the machine):
 
-   * ``monai_views``: today's per-sample pipeline, :func:`byol3d.transforms.ct.view_transforms`;
-   * ``batched_device_views``: the CPU part of ``transforms.views: batched`` on a GPU: drawing
-     and slicing the boxes (:class:`~byol3d.transforms.batched.BoxViewsd`), collating, and on
-     a CUDA machine pinning the patches; the views are made on the device;
-   * ``batched_cpu_views``: the all-CPU fallback: the same, plus
-     :func:`~byol3d.transforms.batched_ops.make_views` on the CPU.
+* ``monai_views``: today's per-sample pipeline, :func:`byol3d.transforms.ct.view_transforms`;
+* ``batched_device_views``: the CPU part of ``transforms.views: batched`` on a GPU: drawing
+  and slicing the boxes (:class:`~byol3d.transforms.batched.BoxViewsd`), collating, and on
+  a CUDA machine pinning the patches; the views are made on the device;
+* ``batched_cpu_views``: the all-CPU fallback: the same, plus
+  :func:`~byol3d.transforms.batched_ops.make_views` on the CPU.
 
-   Each repeat times every side on the same number of samples, sides alternating; the ratio
-   is paired per repeat (monai time over the side's) and reported as a geometric mean with a
-   95% t interval over repeats.
+Each repeat times every side on the same number of samples, sides alternating; the ratio
+is paired per repeat (monai time over the side's) and reported as a geometric mean with a
+95% t interval over repeats.
 
-   The same for 2D frames (:func:`run_frame_view_cost_benchmark`, one uint8 RGB frame as the
-   cache holds it): ``frame_views`` (:func:`byol3d.transforms.frames.frame_views`, per
-   sample), ``batched_device_frame_views`` (:class:`~byol3d.transforms.batched.FrameBoxViewsd`,
-   collate, pin on CUDA) and ``batched_cpu_frame_views`` (plus ``make_views`` on the CPU).
-   Standalone: ``python scripts/bench_views.py --frames [--shape 480 400] [--rois 224]
-   [--batch 16] [--repeats 5]`` prints the rows as a table.
+The same for 2D frames (:func:`run_frame_view_cost_benchmark`, one uint8 RGB frame as the
+cache holds it): ``frame_views`` (:func:`byol3d.transforms.frames.frame_views`, per
+sample), ``batched_device_frame_views`` (:class:`~byol3d.transforms.batched.FrameBoxViewsd`,
+collate, pin on CUDA) and ``batched_cpu_frame_views`` (plus ``make_views`` on the CPU).
+Standalone: ``python scripts/bench_views.py --frames [--shape 480 400] [--rois 224]
+[--batch 16] [--repeats 5]`` prints the rows as a table.
 
-2. **End to end, loader to step** (:func:`run_end_to_end`): byol3d (``ViewDataset`` of the
-   preprocessed volumes with batched views through :func:`byol3d.training.distributed.make_loader`,
-   made in the workers on a CPU or by ``DeviceViewLoader`` on a GPU, feeding byol3d's Ignite
-   trainer) against a MONAI-tutorial-style pipeline (``monai.data.Dataset`` with the per-sample
-   view transforms and a ``monai.data.DataLoader``) feeding lightly's BYOL loop (byol3d's bare
-   loop of the same work where lightly is not installed); same volumes, model, batch size and
-   worker count; samples/s over one pass of each loader per repeat, sides alternating. And the
-   step alone on in-memory batches, for the end-to-end vs step-only ratio.
+The end-to-end rows (loader to step) are in scripts/bench_e2e.py.
 """
 
 from __future__ import annotations
@@ -41,10 +34,7 @@ import time
 import numpy as np
 import torch
 
-from byol3d.data.datasets import ViewDataset
 from byol3d.evaluation.stats import paired_difference
-from byol3d.training.accel import DeviceViewLoader
-from byol3d.training.distributed import make_loader
 from byol3d.transforms.batched import BoxViewsd, FrameBoxViewsd, collate_boxes
 from byol3d.transforms.batched_ops import MakeViewsCollate
 from byol3d.transforms.ct import view_transforms
@@ -159,69 +149,6 @@ def run_frame_view_cost_benchmark(shape, rois, batch: int, repeats: int, log=pri
         return _sides(frame_views(roi_size=roi), FrameBoxViewsd(roi_size=roi), roi, image, batch, names)  # fmt: skip
 
     return _view_cost_rows("frame_views", shape, rois, batch, repeats, log, _frame(shape), sides_at)
-
-
-def _e2e_sides(setup, volumes, batch: int, workers: int, has_lightly: bool):
-    from bench_steps import byol3d_bare, byol3d_engine, lightly_loop
-    from monai.data import DataLoader, Dataset
-
-    roi = (setup.size,) * 3
-    device = setup.device
-    rows = [{"image": v} for v in volumes]
-    ds = ViewDataset(rows, BoxViewsd(roi_size=roi))
-    on_gpu = device.type == "cuda"
-    collate = collate_boxes if on_gpu else MakeViewsCollate(roi)
-    ours = make_loader(ds, batch, shuffle=True, drop_last=True, num_workers=workers,
-                       pin_memory=on_gpu, collate_fn=collate)  # fmt: skip
-    if on_gpu:
-        ours = DeviceViewLoader(ours, roi, device)
-    tutorial = DataLoader(Dataset(rows, transform=view_transforms(roi_size=roi)), batch_size=batch,
-                          shuffle=True, drop_last=True, num_workers=workers, pin_memory=on_gpu)  # fmt: skip
-    engine, _ = byol3d_engine(setup, "auto", on_gpu)
-    peer, _ = lightly_loop(setup) if has_lightly else byol3d_bare(setup, "none", False)
-    peer_name = "lightly loop" if has_lightly else "byol3d bare loop (lightly not installed)"
-    return {"byol3d_end_to_end": (engine, ours, "byol3d batched views + Ignite trainer"),
-            "monai_tutorial_end_to_end": (peer, tutorial, f"monai Dataset + per-sample views + DataLoader -> {peer_name}")}, engine  # fmt: skip
-
-
-def run_end_to_end(setup, shape, n_volumes, batch, workers, repeats, has_lightly, log=print):
-    """Samples/s from loader to step for byol3d and the MONAI-tutorial pipeline; step only."""
-    from bench_steps import make_batches
-
-    volumes = [_volume(shape, seed=i) for i in range(n_volumes)]
-    sides, engine = _e2e_sides(setup, volumes, batch, workers, has_lightly)
-    steps = n_volumes // batch
-    in_memory = make_batches(setup, steps)
-    runs = {name: (lambda fn=fn, data=data: fn(data)) for name, (fn, data, _) in sides.items()}
-    runs["byol3d_step_only"] = lambda: engine(in_memory)
-    for run in runs.values():
-        run()  # warm-up: workers, allocator, kernels
-    times = {name: [] for name in runs}
-    for r in range(repeats):
-        order = list(runs) if r % 2 == 0 else list(reversed(runs))
-        for name in order:
-            t = time.perf_counter()
-            runs[name]()
-            times[name].append(time.perf_counter() - t)
-        log(f"end to end repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {steps * batch / times[n][-1]:.2f}/s" for n in order))  # fmt: skip
-    rows = []
-    setting = {name: about for name, (_, _, about) in sides.items()}
-    setting["byol3d_step_only"] = "byol3d Ignite trainer on batches already in memory"
-    for name, secs in times.items():
-        per_s = [steps * batch / s for s in secs]
-        rows.append({"section": "end_to_end", "name": name, "setting": setting[name],
-                     "encoder": setup.encoder, "size": setup.size, "batch": batch,
-                     "num_workers": workers, "volume": list(shape), "device": str(setup.device),
-                     "samples_per_s": float(np.median(per_s)), "seconds": secs})  # fmt: skip
-    ratios = {
-        "end_to_end_vs_monai_lightly": paired_ratio(
-            times["monai_tutorial_end_to_end"], times["byol3d_end_to_end"]
-        ),  # fmt: skip
-        "end_to_end_vs_step_only": paired_ratio(
-            times["byol3d_step_only"], times["byol3d_end_to_end"]
-        ),  # fmt: skip
-    }
-    return rows, ratios
 
 
 def main(argv=None) -> list[dict]:

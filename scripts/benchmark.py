@@ -6,6 +6,7 @@
     make bench ARGS="--quality --json quality.json --markdown quality.md"   # representation quality
     python scripts/benchmark.py --quick --only-networks              # the per-network rows only
     python scripts/benchmark.py --quick --views-only --repeats 5     # the view-path CPU costs only
+    python scripts/benchmark.py --quick --e2e-only --repeats 5       # the end-to-end rows only
 
 ``--quality`` trains byol3d's 2D BYOL and lightly's BYOL example loop side by side on tiles of
 real photos and compares linear probe and kNN accuracy against random init
@@ -33,7 +34,11 @@ What is measured (each group's sides alternate, A B C A B C ..., so drift hits a
    against blosc2. ``--startup-only`` runs just these rows (no peers needed):
 
     python scripts/benchmark.py --startup-only --json startup.json   # 2,000 volumes, ~3 min
-6. Networks: one row per downstream network's encoder (ResNet, SegResNet, SwinUNETR's swinViT,
+6. End to end (scripts/bench_e2e.py): samples/s from the same .nii.gz files to the optimizer
+   step: byol3d (store, batched views, Ignite trainer) against the MONAI tutorial's pipeline
+   (``Dataset`` with load, preprocessing and per-sample views, or ``CacheDataset``) feeding
+   lightly's loop, and against byol3d's step alone on in-memory batches.
+7. Networks: one row per downstream network's encoder (ResNet, SegResNet, SwinUNETR's swinViT,
    nnU-Net's encoder from ``--nnunet-plans``), byol3d's trainer at fp32, same crop and batch.
 """
 
@@ -55,6 +60,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_data import run_data_benchmark  # noqa: E402
+from bench_e2e import run_end_to_end  # noqa: E402
 from bench_flops import card_peak, conv_roof, largest_conv, step_flops  # noqa: E402
 from bench_quality import quality_markdown, run_quality  # noqa: E402
 from bench_startup import run_startup_benchmark, startup_markdown, store_format_rows  # noqa: E402
@@ -67,7 +73,7 @@ from bench_steps import (  # noqa: E402
     lightly_loop,
     make_batches,
 )
-from bench_views import paired_ratio, run_end_to_end, run_view_cost_benchmark  # noqa: E402
+from bench_views import paired_ratio, run_view_cost_benchmark  # noqa: E402
 
 from byol3d.training.accel import apply_speed_options, memory_format, resolve_channels_last
 from byol3d.training.engine import resolve_amp
@@ -108,6 +114,8 @@ PRESETS = {
             encoder="resnet10",
             size=32,
             shape=(40, 40, 36),
+            spacing=(1.0, 1.0, 1.0),
+            pixdim=1.0,
             n_volumes=4,
             batch=2,
             workers=0,
@@ -137,8 +145,10 @@ PRESETS = {
         e2e=dict(
             encoder="resnet10",
             size=64,
-            shape=(160, 140, 120),
-            n_volumes=8,
+            shape=(256, 256, 160),
+            spacing=(0.8, 0.8, 1.25),
+            pixdim=1.5,
+            n_volumes=16,
             batch=4,
             workers=2,
             repeats=3,
@@ -167,7 +177,9 @@ PRESETS = {
         e2e=dict(
             encoder="resnet50",
             size=128,
-            shape=(240, 170, 300),
+            shape=(512, 512, 240),
+            spacing=(0.75, 0.75, 1.25),
+            pixdim=1.5,
             n_volumes=64,
             batch=8,
             workers=min(8, os.cpu_count() or 1),
@@ -358,6 +370,9 @@ def main(argv=None) -> dict:
         "--views-only", action="store_true", help="only the view-path CPU costs (--repeats: theirs)"
     )
     ap.add_argument(
+        "--e2e-only", action="store_true", help="only the end-to-end rows (--repeats: theirs)"
+    )
+    ap.add_argument(
         "--quality", action="store_true", help="representation quality vs lightly and random init"
     )
     ap.add_argument("--seeds", type=int, help="--quality: seeds (default 3; --quick 1)")
@@ -409,6 +424,11 @@ def main(argv=None) -> dict:
             v["shape"], v["rois"], v["batch"], args.repeats or v["repeats"], log
         )
         paired = {k: _views_ratio(rows, side) for k, side in VIEW_RATIOS.items()}
+        ratios = {k: p["ratio"] for k, p in paired.items()}
+        return write_result(args, device, started, rows, ratios, paired=paired)
+
+    if args.e2e_only:
+        rows, paired = end_to_end_rows(preset, device, (hidden, proj), args, has_lightly, log)
         ratios = {k: p["ratio"] for k, p in paired.items()}
         return write_result(args, device, started, rows, ratios, paired=paired)
 
@@ -503,13 +523,7 @@ def main(argv=None) -> dict:
         rows += run_view_cost_benchmark(v["shape"], v["rois"], v["batch"], v["repeats"], log)
         paired.update({k: _views_ratio(rows, side) for k, side in VIEW_RATIOS.items()})
     if not args.skip_e2e:
-        e = preset["e2e"]
-        setup_e = StepSetup(3, e["encoder"], e["size"], e["batch"], 1, device, hidden, proj)
-        log(
-            f"end to end: {e['encoder']} at {e['size']}^3, batch {e['batch']}, {e['workers']} workers"
-        )
-        e2e_rows, e2e_ratios = run_end_to_end(setup_e, e["shape"], e["n_volumes"], e["batch"],
-                                              e["workers"], e["repeats"], has_lightly, log)  # fmt: skip
+        e2e_rows, e2e_ratios = end_to_end_rows(preset, device, (hidden, proj), args, has_lightly, log)  # fmt: skip
         rows += e2e_rows
         paired.update(e2e_ratios)
     ratios = {
@@ -537,6 +551,15 @@ def main(argv=None) -> dict:
     return write_result(
         args, device, started, rows, ratios, flops=flops, startup=startup, paired=paired
     )
+
+
+def end_to_end_rows(preset, device, heads, args, has_lightly, log) -> tuple[list[dict], dict]:
+    """The end-to-end rows (scripts/bench_e2e.py) and their paired ratios."""
+    e = preset["e2e"]
+    setup = StepSetup(3, e["encoder"], e["size"], e["batch"], 1, device, *heads)
+    log(f"end to end: {e['encoder']} at {e['size']}^3, batch {e['batch']}, {e['workers']} workers")
+    return run_end_to_end(setup, e["shape"], e["spacing"], e["pixdim"], e["n_volumes"], e["batch"],
+                          e["workers"], args.repeats or e["repeats"], has_lightly, log)  # fmt: skip
 
 
 def startup_rows(preset, log) -> tuple[list[dict], dict]:

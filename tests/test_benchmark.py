@@ -21,6 +21,7 @@ RATIO_KEYS = {
     "data_cpu_time_vs_monai_device_views",
     "data_cpu_time_vs_monai_cpu_views",
     "end_to_end_vs_monai_lightly",
+    "end_to_end_vs_monai_cached",
     "end_to_end_vs_step_only",
 }
 
@@ -69,8 +70,13 @@ def test_tiny_benchmark_writes_the_json_contract(tmp_path):
     lo, hi = result["intervals"]["data_cpu_time_vs_monai_cpu_views"]
     assert lo <= result["ratios"]["data_cpu_time_vs_monai_cpu_views"] <= hi
     e2e = {r["name"]: r for r in result["rows"] if r["section"] == "end_to_end"}
-    assert {"byol3d_end_to_end", "monai_tutorial_end_to_end", "byol3d_step_only"} <= set(e2e)
-    assert all(r["samples_per_s"] > 0 for r in e2e.values())
+    assert set(e2e) == {"byol3d_end_to_end", "monai_tutorial_end_to_end", "monai_cached_end_to_end", "byol3d_step_only"}  # fmt: skip
+    assert all(r["samples_per_s"] > 0 and len(r["seconds"]) == 2 for r in e2e.values())
+    assert e2e["byol3d_end_to_end"]["store_seconds"] > 0  # the store is written once, timed apart
+    # loader-to-step ratios: the MONAI side's seconds per pass over byol3d's, paired per repeat
+    pairs = list(zip(e2e["monai_tutorial_end_to_end"]["seconds"], e2e["byol3d_end_to_end"]["seconds"]))  # fmt: skip
+    expect = math.exp(sum(math.log(a / b) for a, b in pairs) / len(pairs))
+    assert math.isclose(result["ratios"]["end_to_end_vs_monai_lightly"], expect, rel_tol=1e-3)
     data = rows["byol3d_cache"]
     assert len(data["epoch_seconds"]) == 2 and data["volumes_per_s_later_epoch"] > 0
     expect = data["volumes_per_s_later_epoch"] / rows["monai_dataset"]["volumes_per_s_later_epoch"]

@@ -16,7 +16,7 @@ reports).
 >>> import torch
 >>> from byol3d.transforms.photometric import RandColorJitterd
 >>> jitter = RandColorJitterd("image", prob=1.0)
->>> jitter.set_random_state(seed=0)
+>>> jitter = jitter.set_random_state(seed=0)  # returns the transform itself
 >>> out = jitter({"image": torch.rand(3, 8, 8)})
 >>> out["image"].shape
 torch.Size([3, 8, 8])
