@@ -4,7 +4,8 @@
 #      (transforms.views: batched) on synthetic CT phantoms, and a short one on synthetic
 #      endoscopy frames with the batched 2D views (colour ops on the device);
 #   2. the full benchmark (ResNet-50 3D at 128^3, batch 8; the view-path CPU costs and the
-#      end-to-end loader-to-step row), without the slow file-synthesis data rows;
+#      end-to-end rows from .nii.gz files to the step), without the file-synthesis data rows
+#      and the start-up rows (CPU and disk measures, made on the CPU machine);
 #   3. one summary, $OUT/gpu_check.json: samples/s, peak memory, achieved TFLOP/s against the
 #      bf16 dense peak and the single-conv roof, end-to-end vs step-only, and the smoke run.
 #
@@ -58,7 +59,7 @@ if ((DRY)); then
 else
   SMOKE=(model.encoder=resnet50 transforms.roi_size=[128,128,128] train.max_epochs=2
          train.device=cuda train.amp=bf16 train.compile=true 'train.channels_last="on"')
-  BENCH=(--no-switches --skip-data)
+  BENCH=(--no-switches --skip-data --skip-startup)  # start-up is a CPU and disk measure
   FRAMES=(train.device=cuda train.amp=bf16 'train.channels_last="on"')
   N=24
 fi

@@ -12,6 +12,7 @@ class MLP(nn.Sequential):
     The paper (Grill et al. 2020, section 3.3) uses hidden 4096 and output 256 for both the
     projector g and the predictor q.
 
+    >>> import torch
     >>> MLP(2048, 4096, 256)(torch.zeros(4, 2048)).shape
     torch.Size([4, 256])
     """
@@ -40,6 +41,7 @@ class DenseHead(nn.Sequential):
         hidden_channels: hidden width (the global heads' ``hidden_dim``).
         out_channels: output width (the global heads' ``projection_dim``).
 
+    >>> import torch
     >>> DenseHead(3, 256, 64, 16)(torch.zeros(2, 256, 3, 3, 3)).shape
     torch.Size([2, 16, 3, 3, 3])
     """

@@ -12,14 +12,16 @@ records its crop box (``{key}_box``); the two transforms here record the flips a
 
 Both draw exactly the same random numbers as the MONAI transforms they extend (so seeded
 pipelines produce the same views as before) and their records collate into tensors
-(``(B, spatial_dims)`` and ``(B,)``). :func:`source_to_view` maps continuous source voxel
-coordinates into a view's normalised coordinates; :func:`overlap_points` samples a regular grid
-in the overlap of two crop boxes. Coordinates are continuous voxel-edge coordinates: voxel i
+(``(B, spatial_dims)`` and ``(B,)``). :func:`byol3d.models.correspondence.source_to_view` maps
+continuous source voxel coordinates into a view's normalised coordinates;
+:func:`~byol3d.models.correspondence.overlap_points` samples a regular grid in the overlap of
+two crop boxes. Coordinates are continuous voxel-edge coordinates: voxel i
 of an axis spans [i, i + 1), its centre is i + 0.5; normalised coordinates are in [0, 1] over
 the view (0 the first edge, 1 the last), i.e. ``grid_sample``'s ``align_corners=False``
 convention after ``2 * u - 1``.
 
 >>> import torch
+>>> from byol3d.models.correspondence import source_to_view
 >>> box = torch.tensor([[[10, 20], [0, 8]]])            # one 2D view: rows 10..19, columns 0..7
 >>> source_to_view(torch.tensor([[[15.0, 2.0]]]), box, torch.tensor([[0, 1]]))
 tensor([[[0.5000, 0.7500]]])
@@ -46,6 +48,7 @@ class RecordedRandFlipd(RandFlipd):
     per axis, update the same record). Same arguments and random draws as ``RandFlipd``.
 
     Example:
+        >>> import torch
         >>> t = RecordedRandFlipd("img", prob=1.0, spatial_axis=1)
         >>> t({"img": torch.zeros(1, 4, 5, 6)})["img_flip"]
         array([0, 1, 0])
@@ -73,10 +76,11 @@ class RecordedRandRotate90d(RandRotate90d):
     The record is an int64 scalar k in 0..3: the image was rotated by ``torch.rot90(img, k,
     spatial_axes)`` (k = 0 when the transform did not fire). A second recorded rotation on the
     same key adds to k modulo 4 and must use the same ``spatial_axes``. Same arguments and random
-    draws as ``RandRotate90d``; :func:`source_to_view` assumes ``spatial_axes=(0, 1)`` unless
+    draws as ``RandRotate90d``; :func:`byol3d.models.correspondence.source_to_view` assumes ``spatial_axes=(0, 1)`` unless
     told otherwise.
 
     Example:
+        >>> import torch
         >>> t = RecordedRandRotate90d("img", prob=1.0, max_k=1)
         >>> int(t({"img": torch.zeros(1, 4, 4, 6)})["img_rot90"])
         1
