@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from byol3d.models.encoders import build_encoder
 from byol3d.rundir import latest_checkpoint
 from byol3d.training.pretrain import pretrain
 
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TINY = [
     "model.encoder=resnet10",
     "model.hidden_dim=32",
@@ -103,6 +105,20 @@ def test_resume_continues_from_checkpoint_and_matches_uninterrupted_run(phantoms
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(torch.as_tensor(a[key]), torch.as_tensor(b[key])), f"{part}: {key}"
+
+
+@pytest.mark.parametrize("name", ["ct_resnet50.yaml", "mr_resnet50.yaml"])
+def test_shipped_gpu_configs_train_from_their_store_with_batched_views(phantoms, tmp_path, name):
+    """The configs for real scale use the store and batched views; that path runs as shipped."""
+    out = tmp_path / "run"
+    keep = [o for o in TINY if not o.startswith("data.cache")]  # the config's own cache and views
+    cfg = load_config(CONFIGS / name, [*keep, f"data.root={phantoms}", f"output_dir={out}"])
+    assert (cfg["data"]["cache"], cfg["transforms"]["views"]) == ("store", "batched")
+    result = pretrain(cfg)
+    assert result.iterations == 2  # 4 training phantoms, batch 2, one epoch
+    assert len(list((out / "store" / "arrays").iterdir())) == 5  # both splits, written on first use
+    with open(out / "metrics.csv") as f:
+        assert all(math.isfinite(float(r["loss"])) for r in csv.DictReader(f))
 
 
 @pytest.mark.parametrize("views", ["cpu", "batched"])
