@@ -234,3 +234,21 @@ def test_config_switch_builds_the_batched_views_and_rejects_bad_values():
     assert isinstance(views, BoxViewsd) and views.probs["blur_prob"] == (1.0, 0.1)
     with pytest.raises(ConfigError, match="transforms.views"):
         load_config(None, ["transforms.views=gpu"])
+
+
+@pytest.mark.parametrize(
+    "per_sample, drawer",
+    [("byol3d.transforms.ct.view_transforms", "byol3d.transforms.batched.BoxViewsd"),
+     ("byol3d.transforms.frames.frame_views", "byol3d.transforms.batched.FrameBoxViewsd")],
+)  # fmt: skip
+def test_batched_drawers_take_the_per_sample_paths_arguments_and_defaults(per_sample, drawer):
+    """One config feeds either path (transforms.views), so names and defaults must not drift."""
+    import importlib
+    import inspect
+
+    def params(dotted):
+        module, name = dotted.rsplit(".", 1)
+        signature = inspect.signature(getattr(importlib.import_module(module), name))
+        return {p.name: p.default for p in signature.parameters.values() if p.name != "self"}
+
+    assert params(drawer) == params(per_sample)
