@@ -21,6 +21,7 @@ Errors caused by input (config keys, data, checkpoints) print one line,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -28,13 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
+from byol3d.cli.parser import build_parser
 from byol3d.config import load_config
 from byol3d.data.synthetic_ct import write_demo_dataset
 from byol3d.data.synthetic_frames import write_endoscopy_dataset
 from byol3d.data.video import extract_video_folder
 from byol3d.errors import Byol3dError, DataError
 from byol3d.evaluation.dense_probe import dense_probe_run, format_dense_report
-from byol3d.evaluation.export import EXPORT_TARGETS, export_encoder
+from byol3d.evaluation.export import export_encoder
 from byol3d.evaluation.features import extract_to_folder
 from byol3d.evaluation.probe import evaluate_run, format_report
 from byol3d.training.distributed import is_main, launch, wants_distributed
@@ -46,179 +48,14 @@ from byol3d.viz.preview import preview_views
 __all__ = ["main"]
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="byol3d", description="BYOL self-supervised pretraining for MONAI ResNet encoders."
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    _add_run_commands(sub)
-    _add_data_commands(sub)
-    _add_downstream_commands(sub)
-    _add_evaluate_command(sub)
-    return parser
-
-
-def _add_run_commands(sub) -> None:
-    """pretrain and demo-data."""
-    p = sub.add_parser(
-        "pretrain", help="pretrain an encoder with BYOL (resumes from OUTPUT_DIR/checkpoints)"
-    )
-    p.add_argument("config", help="YAML config, e.g. configs/ct_resnet50.yaml")
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="dotted overrides parsed as YAML, e.g. train.max_epochs=5",
-    )
-    p.add_argument(
-        "--allow-config-change",
-        action="store_true",
-        help="resume a run in OUTPUT_DIR even if its config differs",
-    )
-    p.add_argument("--quiet", action="store_true", help="only warnings and errors")
-    p.add_argument(
-        "--nproc-per-node",
-        type=int,
-        default=None,
-        metavar="N",
-        help="spawn N processes on this machine (DDP through ignite.distributed; gloo on CPU)",
-    )
-
-    d = sub.add_parser(
-        "demo-data", help="write synthetic CT phantoms with organ labels and class labels"
-    )
-    d.add_argument("output", help="folder to write images/, labels/ and classes.csv into")
-    d.add_argument("--n", type=int, default=16, help="number of volumes (default 16)")
-    d.add_argument(
-        "--shape",
-        type=int,
-        nargs=3,
-        default=(96, 96, 64),
-        metavar=("I", "J", "K"),
-        help="voxels (default 96 96 64)",
-    )
-    d.add_argument(
-        "--spacing",
-        type=float,
-        nargs=3,
-        default=(4.0, 4.0, 5.0),
-        metavar=("SI", "SJ", "SK"),
-        help="mm (default 4 4 5)",
-    )
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument(
-        "--kind",
-        choices=("ct", "endoscopy"),
-        default="ct",
-        help="ct: NIfTI phantoms (default); endoscopy: PNG frames in video folders + frames.csv",
-    )
-    d.add_argument("--videos", type=int, default=4, help="endoscopy: video folders (default 4)")
-    d.add_argument(
-        "--frame-size",
-        type=int,
-        nargs=2,
-        default=(128, 112),
-        metavar=("W", "H"),
-        help="endoscopy: frame width and height in pixels (default 128 112)",
-    )
-
-
-def _add_data_commands(sub) -> None:
-    """extract-frames, stats, preview, plot."""
-    x = sub.add_parser(
-        "extract-frames",
-        help="write every N-th frame of videos as images (needs PyAV: pip install av)",
-    )
-    x.add_argument("videos", help="a video file or a folder searched recursively for videos")
-    x.add_argument("output", help="folder; one sub-folder of frames per video")
-    x.add_argument("--every", type=int, default=25, help="keep one frame in N (default 25)")
-    x.add_argument(
-        "--ext", choices=("jpg", "png"), default="jpg", help="image format (default jpg)"
-    )
-    x.add_argument("--max-frames", type=int, default=None, help="at most this many per video")
-    pre = sub.add_parser(
-        "preprocess",
-        help="preprocess every image once into the store that data.cache=store trains from",
-    )
-    pre.add_argument("config", help="YAML config, as for pretrain")
-    pre.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
-    pre.add_argument("--workers", type=int, default=None, help="processes (default data.num_workers)")  # fmt: skip
-    pre.add_argument("--hash", action="store_true", help="also record and check each source's SHA-256")  # fmt: skip
-    pre.add_argument("--quiet", action="store_true", help="only warnings and errors")
-    st = sub.add_parser(
-        "stats", help="per-channel mean/std of the configured data (for transforms.mean/std)"
-    )
-    st.add_argument("config", help="YAML config, as for pretrain")
-    st.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
-    st.add_argument(
-        "--max-files", type=int, default=1000, help="evenly spaced files read (default 1000)"
-    )
-    v = sub.add_parser("preview", help="draw the two augmented views of a few volumes (PNG)")
-    v.add_argument("config", help="YAML config, as for pretrain")
-    v.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides")
-    v.add_argument("--n", type=int, default=4, help="number of volumes (default 4)")
-    v.add_argument("--output", default="views.png", help="PNG path (default views.png)")
-    v.add_argument("--seed", type=int, default=0, help="random state of the augmentations")
-
-    pl = sub.add_parser("plot", help="training.png and summary.json of a run (also while it runs)")
-    pl.add_argument("run_dir", help="the run's output_dir")
-    pl.add_argument("--output", default=None, help="PNG path (default RUN_DIR/training.png)")
-
-
-def _add_downstream_commands(sub) -> None:
-    """extract and export."""
-    ex = sub.add_parser("extract", help="embeddings of every image (features.npy + index.csv)")
-    ex.add_argument("run_dir", help="run directory, encoder.pt or checkpoint")
-    src = ex.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", help="folder searched recursively for images")
-    src.add_argument("--csv", help="CSV list with a path (or id) column, optional label")
-    ex.add_argument("--root", default=None, help="folder relative CSV paths start from")
-    ex.add_argument("--output", required=True, help="folder for features.npy and index.csv")
-    ex.add_argument(
-        "--layers", default=None, help="also write feature maps, e.g. layer1,layer2,layer3,layer4"
-    )
-    ex.add_argument("--overlap", type=float, default=0.25, help="sliding-window overlap")
-    ex.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
-
-    xp = sub.add_parser("export", help="encoder weights that load into the network you fine-tune")
-    xp.add_argument("run_dir", help="run directory, encoder.pt or checkpoint")
-    xp.add_argument("--to", required=True, choices=EXPORT_TARGETS)
-    xp.add_argument(
-        "--backbone", default=None, help="resnet targets: architecture expected, e.g. resnet50"
-    )
-    xp.add_argument(
-        "--plans", default=None, help="nnunet: plans JSON of the network (default: the run's)"
-    )
-    xp.add_argument(
-        "--configuration", default=None, help="nnunet: plans configuration (default: the run's)"
-    )
-    xp.add_argument("--output", required=True, help="the file to write")
-
-
-def _add_evaluate_command(sub) -> None:
-    """evaluate: the global probe (--csv) and the dense probe (--segmentation)."""
-    ev = sub.add_parser(
-        "evaluate",
-        help="pretrained vs random init: linear probe and kNN (--csv), frozen dense probe (--segmentation)",
-    )
-    ev.add_argument("run_dir", help="run directory, encoder.pt or checkpoint")
-    ev.add_argument("--csv", default=None, help="CSV with label and path (or id) columns")
-    ev.add_argument(
-        "--segmentation",
-        default=None,
-        help="labelled volumes for the frozen dense probe: a CSV with path and segmentation "
-        "columns, or a folder with images/ + labels/ (or imagesTr/ + labelsTr/)",
-    )
-    ev.add_argument("--labelled", type=int, nargs="+", default=[1, 3, 6], help="dense probe: labelled training volumes (default 1 3 6)")  # fmt: skip
-    ev.add_argument("--test", type=int, default=None, help="dense probe: held-out volumes (default a quarter)")  # fmt: skip
-    ev.add_argument("--random-inits", type=int, default=3, help="dense probe: random initialisations (default 3)")  # fmt: skip
-    ev.add_argument("--voxels-per-class", type=int, default=2000, help="dense probe: voxel samples per label and volume")  # fmt: skip
-    ev.add_argument("--root", default=None, help="folder relative CSV paths start from")
-    ev.add_argument("--output", default=None, help="report folder (default RUN_DIR/evaluation)")
-    ev.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
-    ev.add_argument("--seeds", type=int, default=None, help="split seeds (default 3 for --csv, 5 labelled-set draws for --segmentation)")  # fmt: skip
-    ev.add_argument("--k", type=int, default=5, help="kNN neighbours (default 5)")
+@contextlib.contextmanager
+def _value_errors_are_input_errors():
+    """A ``ValueError`` from the library here comes from a command-line value (``--n 0``,
+    ``--workers -1``, ...): report it as the user's input error, in one line."""
+    try:
+        yield
+    except ValueError as err:
+        raise Byol3dError(str(err)) from err
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -277,10 +114,8 @@ def _report(result) -> None:
 def _preview(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
-    try:
+    with _value_errors_are_input_errors():
         path = preview_views(cfg, n=args.n, output=args.output, seed=args.seed)
-    except ValueError as err:  # --n < 1
-        raise Byol3dError(str(err)) from err
     print(f"byol3d: wrote a preview of the augmented views to {path}")
 
 
@@ -294,10 +129,8 @@ def _plot(args: argparse.Namespace) -> None:
 def _stats(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
-    try:
+    with _value_errors_are_input_errors():
         mean, std, n = config_mean_std(cfg, max_files=args.max_files)
-    except ValueError as err:
-        raise Byol3dError(str(err)) from err
     listed = lambda values: "[" + ", ".join(f"{v:g}" for v in values) + "]"  # noqa: E731
     print(f"byol3d: per-channel mean/std of {n} preprocessed images ([0, 1] units); in the config:")
     print(f"transforms:\n  mean: {listed(mean)}\n  std: {listed(std)}")
@@ -310,11 +143,9 @@ def _stats(args: argparse.Namespace) -> None:
 def _preprocess(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
-    try:
+    with _value_errors_are_input_errors():
         report = preprocess_store(cfg, workers=args.workers, hash_sources=args.hash,
                                   progress=not args.quiet)  # fmt: skip
-    except ValueError as err:  # --workers < 0
-        raise Byol3dError(str(err)) from err
     store = report.store
     print(
         f"byol3d: store {store.folder}: {len(store)} volumes ({report.written} written, "
@@ -332,12 +163,10 @@ def _preprocess(args: argparse.Namespace) -> None:
 
 def _extract_frames(args: argparse.Namespace) -> None:
 
-    try:
+    with _value_errors_are_input_errors():
         counts = extract_video_folder(
             args.videos, args.output, every=args.every, ext=args.ext, max_frames=args.max_frames
         )
-    except ValueError as err:
-        raise Byol3dError(str(err)) from err
     print(
         f"byol3d: wrote {sum(counts.values())} frames of {len(counts)} video(s) to {args.output} "
         f"(every {args.every}th frame)"
@@ -347,7 +176,7 @@ def _extract_frames(args: argparse.Namespace) -> None:
 def _demo_data(args: argparse.Namespace) -> None:
 
     if args.kind == "endoscopy":
-        try:
+        with _value_errors_are_input_errors():
             frames = write_endoscopy_dataset(
                 args.output,
                 n=args.n,
@@ -355,14 +184,12 @@ def _demo_data(args: argparse.Namespace) -> None:
                 size=tuple(args.frame_size),
                 seed=args.seed,
             )
-        except ValueError as err:
-            raise Byol3dError(str(err)) from err
         print(
             f"byol3d: wrote {len(frames)} endoscopy frames to {args.output}/images (frames.csv beside)"
         )
         return
 
-    try:
+    with _value_errors_are_input_errors():
         paths = write_demo_dataset(
             args.output,
             n=args.n,
@@ -370,8 +197,6 @@ def _demo_data(args: argparse.Namespace) -> None:
             spacing=tuple(args.spacing),
             seed=args.seed,
         )
-    except ValueError as err:
-        raise Byol3dError(str(err)) from err
     print(
         f"byol3d: wrote {len(paths)} phantom volumes to {args.output}/images (labels/, classes.csv beside)"
     )
@@ -445,7 +270,7 @@ def _one_line(err: Exception) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``byol3d`` console script; returns the exit status."""
-    parser = _parser()
+    parser = build_parser()
     # options may come between the KEY=VALUE overrides: collect the overrides argparse left over
     args, extra = parser.parse_known_args(argv)
     unknown = [
