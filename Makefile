@@ -68,7 +68,8 @@ lint: install
 # Benchmark: byol3d vs lightly's BYOL loop and byol-pytorch, in a separate environment
 # (.bench-venv, about 6 GB) because the peers need torchvision, which has no CPU build for
 # the project's torch; torchvision==0.29.2 brings its own torch build, so both sides run
-# on the same torch. Nothing of it enters `make test`. Example:
+# on the same torch. byol3d goes in with its nnunet extra, so that every per-network row
+# runs. Nothing of it enters `make test`. Example:
 #   make bench ARGS="--quick --json bench.json --markdown bench.md"
 #   make bench ARGS="--quality --json quality.json"   # encoder quality vs lightly and random init
 BENCH_VENV ?= .bench-venv
@@ -78,7 +79,7 @@ $(BENCH_VENV)/.installed: pyproject.toml
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(BENCH_VENV)/bin/python -m pip install --quiet $(BENCH_PKGS)
-	$(BENCH_VENV)/bin/python -m pip install --quiet -e .
+	$(BENCH_VENV)/bin/python -m pip install --quiet -e ".[nnunet]"
 	touch $@
 
 bench-env: $(BENCH_VENV)/.installed
