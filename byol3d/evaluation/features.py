@@ -44,13 +44,8 @@ from byol3d.data.discovery import list_images, read_image_list
 from byol3d.data.readers import as_tensor
 from byol3d.errors import CheckpointError, DataError
 from byol3d.evaluation.weights import check_state, read_encoder_state
-from byol3d.models.encoders import (
-    arch_options,
-    build_encoder,
-    deepest_stage,
-    layer_outputs,
-    resolve_layer,
-)
+from byol3d.models.encoders import arch_options, build_encoder, layer_outputs
+from byol3d.models.stages import deepest_stage, resolve_layer
 from byol3d.transforms import PREPROCESS_KEYS, build_eval_transform
 
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
@@ -312,7 +307,7 @@ def extract_features(
         roi_size, overlap, sw_batch_size, device, amp_dtype, memory_format: as in
             :func:`feature_maps`.
         layers: layers whose global averages make up the row; None: the deepest stage
-            (``layer4`` of a ResNet, :func:`byol3d.models.encoders.deepest_stage`).
+            (``layer4`` of a ResNet, :func:`byol3d.models.stages.deepest_stage`).
 
     Returns:
         ``np.ndarray`` of shape ``(N, D)``, float32.

@@ -158,7 +158,7 @@ def dense_term(
         stride: voxels per cell (one number or one per axis); None: derived from
             ``view_shape`` and the map's shape.
         cells: where the encoder centres its cells (``"padded"`` or ``"patch"``,
-            :func:`byol3d.models.encoders.dense_cells`).
+            :func:`byol3d.models.stages.dense_cells`).
 
     Returns:
         ``dense_byol_loss(q1 at pts, z'2 at pts) + dense_byol_loss(q2 at pts, z'1 at pts)``,

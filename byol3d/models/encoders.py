@@ -1,12 +1,13 @@
-"""Encoders, their stages, and hook-based representation extraction.
+"""Encoders and hook-based representation extraction.
 
 ``model.encoder`` picks the network byol3d pretrains, the encoder of the network you will
 fine-tune: a MONAI ResNet (resnet10 ... resnet200, FlexibleUNet's encoder), ``swin_unetr``
 (SwinUNETR's ``swinViT``), ``segresnet`` (SegResNet's ``convInit`` + ``down_layers``,
 :mod:`byol3d.models.monai_encoders`) or ``nnunet`` (the encoder of nnU-Net's network from a
-plans file, :mod:`byol3d.models.nnunet`). :func:`encoder_stages` names every encoder's stages
-alike: ``layer1`` .. ``layer4`` are the stages at strides 4, 8, 16, 32 where the network has
-them, ``avgpool`` is the representation (for non-ResNets the deepest stage, averaged).
+plans file, :mod:`byol3d.models.nnunet`). :func:`~byol3d.models.stages.encoder_stages` names
+every encoder's stages alike: ``layer1`` .. ``layer4`` are the stages at strides 4, 8, 16, 32
+where the network has them, ``avgpool`` is the representation (for non-ResNets the deepest
+stage, averaged).
 
 The ResNet is a ``monai.networks.nets.ResNet`` built exactly as MONAI's own
 ``FlexibleUNet`` builds its encoder (``monai.networks.nets.resnet.ResNetFeatures``):
@@ -31,7 +32,6 @@ Nothing here downloads weights: MedicalNet weights are never fetched.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,11 +39,11 @@ import torch
 from monai.networks.layers import get_norm_layer
 from monai.networks.nets import ResNet
 from monai.networks.nets.resnet import get_inplanes, resnet_params
-from monai.networks.nets.swin_unetr import SwinTransformer
 from torch import nn
 
 from byol3d.models.monai_encoders import SegResNetEncoder, build_swin_encoder
-from byol3d.models.nnunet import NnUNetEncoder, build_nnunet_encoder
+from byol3d.models.nnunet import build_nnunet_encoder
+from byol3d.models.stages import dense_cells, encoder_stages, resolve_layer
 
 RESNETS = tuple(resnet_params)  # resnet10, resnet18, ..., resnet200
 ENCODERS = (*RESNETS, "nnunet", "swin_unetr", "segresnet")
@@ -170,126 +170,6 @@ def _replace_batch_norm(module: nn.Module, norm: str | tuple, spatial_dims: int)
             _replace_batch_norm(child, norm, spatial_dims)
 
 
-@dataclass(frozen=True)
-class Stage:
-    """One stage of an encoder: its module, total stride and how its cells sit on the input.
-
-    Attributes:
-        module: the name in ``dict(net.named_modules())`` a hook goes on.
-        stride: total stride per spatial axis.
-        cells: ``"padded"`` (padded odd-kernel strided convolutions: cell ``j`` centred on
-            input voxel ``stride * j``), ``"patch"`` (non-overlapping patches: cell ``j`` is
-            the patch ``[stride * j, stride * (j + 1))``, centred on ``stride * j + (stride - 1) / 2``)
-            or None when the centre depends on the weights (no dense term there).
-        why: for ``cells`` None, the reason, in a phrase.
-    """
-
-    module: str
-    stride: tuple[int, ...]
-    cells: str | None
-    why: str = ""
-
-
-def _resnet_stages(dims: int) -> list[Stage]:
-    return [Stage(f"layer{k}", (2 ** (k + 1),) * dims, "padded") for k in range(1, 5)]
-
-
-_ENC_WHY = (
-    "nnU-Net's residual blocks downsample by a stride-2 convolution (cells on input voxel 2j) "
-    "plus an average-pooled shortcut (cells on 2j + 0.5), so where a cell sits depends on the "
-    "weights"
-)
-
-
-def _stage_list(net: nn.Module) -> list[Stage]:
-    """The spatial stages of a known encoder, shallow to deep; [] for any other network."""
-    if isinstance(net, ResNet):
-        return _resnet_stages(net.conv1.weight.ndim - 2)
-    if isinstance(net, SwinTransformer):
-        dims = net.patch_embed.proj.weight.ndim - 2
-        return [Stage(f"layers{k}.0", (2 ** (k + 1),) * dims, "patch") for k in range(1, 5)]
-    if isinstance(net, SegResNetEncoder):
-        dims = net.convInit.conv.weight.ndim - 2
-        return [
-            Stage(f"down_layers.{k}", (2**k,) * dims, "padded") for k in range(len(net.down_layers))
-        ]
-    if isinstance(net, NnUNetEncoder):
-        cells, why = (None, _ENC_WHY) if net.residual else ("padded", "")
-        return [
-            Stage(f"taps.{k}", tuple(stride), cells if max(stride) > 1 else "padded", why)
-            for k, stride in enumerate(net.stage_strides)
-        ]
-    return []
-
-
-def encoder_stages(net: nn.Module) -> dict[str, Stage]:
-    """The stages of ``net`` by every name they answer to, shallow to deep.
-
-    Each stage is listed under its module name (``layer3``, ``layers3.0``, ``down_layers.2``,
-    ``taps.4``) and, where its largest stride is 4, 8, 16 or 32, under the alias ``layer1`` ..
-    ``layer4`` (the first stage of that stride), so ``model.dense_layer: layer2`` means the
-    stride-8 stage of any encoder. ``avgpool`` names the representation: MONAI ResNet's own
-    ``avgpool`` module, else the deepest stage (its map is averaged, ViT tokens included).
-
-    >>> sorted(encoder_stages(build_encoder("resnet10")))[:3]
-    ['avgpool', 'layer1', 'layer2']
-    """
-    stages = _stage_list(net)
-    named: dict[str, Stage] = {}
-    for k in range(1, 5):
-        first = next((st for st in stages if max(st.stride) == 2 ** (k + 1)), None)
-        if first is not None:
-            named[f"layer{k}"] = first
-    for st in stages:
-        named.setdefault(st.module, st)
-    if stages:
-        deepest = stages[-1]
-        named["avgpool"] = (
-            Stage("avgpool", deepest.stride, None, "a pooled vector")
-            if isinstance(net, ResNet)
-            else deepest
-        )
-    return named
-
-
-def resolve_layer(net: nn.Module, name: str) -> str:
-    """The module name behind a stage name or alias of :func:`encoder_stages` (else ``name``)."""
-    stage = encoder_stages(net).get(name)
-    return stage.module if stage is not None else name
-
-
-def deepest_stage(net: nn.Module) -> str:
-    """The module name of ``net``'s deepest spatial stage (``layer4`` for a ResNet)."""
-    stages = _stage_list(net)
-    if not stages:
-        raise ValueError(f"{type(net).__name__} is not an encoder byol3d knows the stages of")
-    return stages[-1].module
-
-
-def dense_cells(net: nn.Module, layer: str) -> str:
-    """How the cells of ``layer`` (a stage name or alias) sit on the input, for the dense term.
-
-    Raises:
-        ValueError: ``layer`` is not a stage of the encoder (the message lists them), or its
-            cells have no fixed position (nnU-Net's residual encoder).
-    """
-    stages = encoder_stages(net)
-    if not stages:  # a network byol3d does not know: padded convolutions assumed
-        return "padded"
-    stage = stages.get(layer) or next((st for st in stages.values() if st.module == layer), None)
-    if stage is None or stage.module == "avgpool":
-        names = ", ".join(n for n in stages if n != "avgpool")
-        raise ValueError(
-            f"invalid dense_layer {layer!r}: not a stage of the encoder; its stages are {names}"
-        )
-    if stage.cells is None:
-        raise ValueError(
-            f"the dense term cannot use {layer!r} of this encoder: {stage.why}; "
-            "set model.dense_weight 0 (global BYOL) or use a PlainConvUNet plan"
-        )
-    return stage.cells
-
-
 def layer_outputs(
     net: nn.Module,
     x: torch.Tensor,
@@ -355,7 +235,8 @@ class HookedEncoder(nn.Module):
         net: the encoder, e.g. from :func:`build_encoder`. It is stored as ``self.net``, so a
             state_dict key ``net.conv1.weight`` belongs to ``net``'s ``conv1.weight``.
         layer: a name from ``dict(net.named_modules())`` or a stage name of
-            :func:`encoder_stages`; ``"avgpool"`` by default (for non-ResNets: the deepest stage).
+            :func:`~byol3d.models.stages.encoder_stages`; ``"avgpool"`` by default (for
+            non-ResNets: the deepest stage).
         dense_layer: optionally a second layer whose spatial output
             :meth:`forward_with_map` returns next to the representation, from the same
             forward pass (dense BYOL, :mod:`byol3d.models.dense`). It adds no parameters.
@@ -382,7 +263,8 @@ class HookedEncoder(nn.Module):
         self.net = net
         self.layer = resolve_layer(net, layer)
         self.dense_layer = None if dense_layer is None else resolve_layer(net, dense_layer)
-        #: how the dense layer's cells sit on the input (see :func:`dense_cells`)
+        #: how the dense layer's cells sit on the input
+        #: (see :func:`~byol3d.models.stages.dense_cells`)
         self.dense_cells = None if dense_layer is None else dense_cells(net, dense_layer)
         #: True once :meth:`feature_dim` found that ``net(x)`` itself is the ``layer`` output
         #: (MONAI's ResNet with ``avgpool``): :meth:`forward` then runs no hook, so the

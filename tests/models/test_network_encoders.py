@@ -13,7 +13,8 @@ from monai.networks.nets import SegResNet, SwinUNETR
 
 from byol3d.models.byol import BYOL
 from byol3d.models.correspondence import cells_to_view
-from byol3d.models.encoders import HookedEncoder, build_encoder, encoder_stages, layer_outputs
+from byol3d.models.encoders import HookedEncoder, build_encoder, layer_outputs
+from byol3d.models.stages import encoder_stages
 
 PLANS = Path(__file__).resolve().parents[2] / "configs" / "nnunet_resenc_example_plans.json"
 SWIN = {"swin_feature_size": 12, "swin_depths": (1, 1, 1, 1)}
