@@ -7,7 +7,8 @@ Wires the pieces in the order data flows: files (:mod:`byol3d.data`) -> determin
 preprocessing and two views (:mod:`byol3d.transforms`) -> encoder and BYOL model
 (:mod:`byol3d.models`) -> Ignite trainer and handlers (:mod:`byol3d.training.engine`,
 :mod:`byol3d.training.handlers`) -> the run directory (:mod:`byol3d.rundir`). Each step is
-a builder of :mod:`byol3d.training.builders`; this function only composes them:
+a builder of :mod:`byol3d.training.builders` (the file list:
+:mod:`byol3d.training.files`); this function only composes them:
 
     OUTPUT_DIR/config.yaml        the resolved config
     OUTPUT_DIR/checkpoints/       checkpoint_<epoch>.pt: model, target, optimizer, scheduler, trainer, config
@@ -40,7 +41,6 @@ from byol3d.training.builders import (
     build_trainer,
     process_device,
     steps_per_epoch,
-    training_files,
 )
 from byol3d.training.checkpoint import (
     attach_checkpointing,
@@ -51,6 +51,7 @@ from byol3d.training.checkpoint import (
 )
 from byol3d.training.distributed import is_main, world_size
 from byol3d.training.engine import unwrap
+from byol3d.training.files import training_files
 from byol3d.training.handlers import plot_and_summarize
 from byol3d.transforms import build_eval_transform, build_transforms, store_folder
 
