@@ -5,6 +5,8 @@ A config is a nested dict with the sections ``data``, ``model``, ``transforms`` 
 :data:`byol3d.options.OPTIONS` with its default, type and meaning; an unknown key or a value of the wrong
 type is a :class:`~byol3d.errors.ConfigError` naming the key (a typo is never silently
 ignored). YAML is read with ``yaml.safe_load``: nothing in a config is evaluated as code.
+With ``model.encoder: nnunet`` the plans file fills the keys the config leaves unset
+(:mod:`byol3d.plans_defaults`).
 
 >>> from byol3d.config import load_config
 >>> cfg = load_config(None, ["data.root=/data/ct", "train.max_epochs=5", "transforms.roi_size=[96,96,96]"])
@@ -26,8 +28,9 @@ import yaml
 from byol3d.checks import check_number, check_pair, is_number, per_view
 from byol3d.errors import ConfigError
 from byol3d.models.encoders import RESNETS
-from byol3d.models.nnunet import check_crop, read_plans
+from byol3d.models.nnunet import check_crop
 from byol3d.options import OPTIONS, SECTIONS, Option
+from byol3d.plans_defaults import apply_plans_defaults, read_config_plans
 
 __all__ = [
     "OPTIONS",
@@ -152,7 +155,7 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> dict[
         _set(flat, key, _parse_value(raw), "the command line", explicit)
     _channels_set_in_channels(flat)
     if flat["model.encoder"] == "nnunet":
-        _plans_defaults(flat, explicit)
+        apply_plans_defaults(flat, explicit)
     cfg = _nest(flat)
     validate_config(cfg)
     return cfg
@@ -164,39 +167,6 @@ def _channels_set_in_channels(flat: dict[str, Any]) -> None:
     channels = flat["data.channels"]
     if isinstance(channels, list) and channels and flat["data.in_channels"] == 1:
         flat["data.in_channels"] = len(channels)
-
-
-def _read_plans(flat: Mapping[str, Any]):
-    plans = flat["model.nnunet_plans"]
-    if not plans:
-        raise ConfigError(
-            "model.encoder nnunet needs model.nnunet_plans: the plans JSON file of your nnU-Net "
-            "dataset (e.g. nnUNet_preprocessed/DatasetXXX/nnUNetResEncUNetLPlans.json)"
-        )
-    try:
-        return read_plans(plans, flat["model.nnunet_configuration"])
-    except ValueError as err:
-        raise ConfigError(f"model.nnunet_plans: {err}") from None
-
-
-def _plans_defaults(flat: dict[str, Any], explicit: set[str]) -> None:
-    """nnU-Net's patch size, spacing and intensity rule for the keys the user did not set.
-
-    CTNormalization gives ``hu_window`` = the plans' foreground 0.5 and 99.5 percentiles (mapped
-    to [0, 1], where nnU-Net z-scores that range: an affine difference); ZScoreNormalization
-    gives ``intensity: zscore``, nnU-Net's own rule.
-    """
-    plan = _read_plans(flat)
-    if "transforms.roi_size" not in explicit:
-        flat["transforms.roi_size"] = list(plan.patch_size)
-    if "transforms.pixdim" not in explicit and plan.spacing is not None:
-        flat["transforms.pixdim"] = list(plan.spacing)
-    window = plan.ct_window()
-    if "transforms.hu_window" not in explicit and window is not None:
-        flat["transforms.hu_window"] = list(window)
-    scheme = plan.normalization[:1]
-    if "transforms.intensity" not in explicit and scheme == ("ZScoreNormalization",):
-        flat["transforms.intensity"] = "zscore"  # per volume over the foreground, as nnU-Net
 
 
 def _parse_value(raw: str) -> Any:
@@ -419,7 +389,7 @@ def _validate_encoder(flat: Mapping[str, Any]) -> None:
             raise _fail(
                 "data.spatial_dims", flat["data.spatial_dims"], "3 with model.encoder nnunet"
             )
-        problem = check_crop(_read_plans(flat), roi)
+        problem = check_crop(read_config_plans(flat), roi)
         if problem:
             raise _fail("transforms.roi_size", roi, problem)
 
