@@ -172,7 +172,6 @@ def ct_preprocess(
         raise ValueError(f"label_key {label_key!r} must differ from the image keys {key_list}")
     labels = [label_key] if label_key is not None else []
     geometric = key_list + labels
-    mask_key = "foreground_mask" if crop_foreground else None
 
     transforms: list = [
         StackChannelsd(
@@ -186,21 +185,39 @@ def ct_preprocess(
     if pixdim is not None:
         modes = ["bilinear"] * len(key_list) + ["nearest"] * len(labels)
         transforms.append(Spacingd(geometric, pixdim=pixdim, mode=modes, dtype=np.float32))
-    transforms.append(
+    transforms += _intensity_and_foreground(key_list, geometric, intensity, (low, high), percentiles, rule, foreground_hu, crop_foreground)  # fmt: skip
+    transforms += [
+        SpatialPadNoted(
+            geometric, spatial_size=roi, minimum_keys=key_list if intensity == "zscore" else ()
+        ),  # fmt: skip
+        EnsureTyped(key_list, dtype=torch.float32),
+        *([EnsureTyped(labels, dtype=torch.int64)] if labels else []),
+    ]
+    config = _preprocess_config(key_list, roi, (low, high), pixdim, crop_foreground, foreground_hu, in_channels, intensity, percentiles, rule, resample_channels, dicom_series, label_key)  # fmt: skip
+    return PreprocessCompose(transforms, config=config)
+
+
+def _intensity_and_foreground(
+    key_list, geometric, intensity, hu_window, percentiles, rule, foreground_hu, crop_foreground
+) -> list:
+    """:func:`ct_preprocess`'s intensity step and, with ``crop_foreground``, the crop to the
+    foreground the first image key's normalisation found (its mask is then deleted)."""
+    mask_key = "foreground_mask" if crop_foreground else None
+    steps: list = [
         NormalizeIntensityd(
             key_list[0],
             mode=intensity,
-            hu_window=(low, high),
+            hu_window=hu_window,
             percentiles=percentiles,
             foreground=rule,
             foreground_hu=foreground_hu,
             mask_key=mask_key,
         )  # fmt: skip
-    )
+    ]
     if len(key_list) > 1:
-        transforms.append(NormalizeIntensityd(key_list[1:], mode=intensity, hu_window=(low, high), percentiles=percentiles, foreground=rule, foreground_hu=foreground_hu))  # fmt: skip
+        steps.append(NormalizeIntensityd(key_list[1:], mode=intensity, hu_window=hu_window, percentiles=percentiles, foreground=rule, foreground_hu=foreground_hu))  # fmt: skip
     if crop_foreground:
-        transforms += [
+        steps += [
             CropForegroundd(
                 geometric,
                 source_key=mask_key,
@@ -210,17 +227,30 @@ def ct_preprocess(
             ),  # fmt: skip
             DeleteItemsd(mask_key),
         ]
-    transforms += [
-        SpatialPadNoted(
-            geometric, spatial_size=roi, minimum_keys=key_list if intensity == "zscore" else ()
-        ),  # fmt: skip
-        EnsureTyped(key_list, dtype=torch.float32),
-        *([EnsureTyped(labels, dtype=torch.int64)] if labels else []),
-    ]
+    return steps
+
+
+def _preprocess_config(
+    key_list,
+    roi,
+    hu_window,
+    pixdim,
+    crop_foreground,
+    foreground_hu,
+    in_channels,
+    intensity,
+    percentiles,
+    rule,
+    resample_channels,
+    dicom_series,
+    label_key,
+) -> dict[str, Any]:
+    """:func:`ct_preprocess`'s checked arguments as :attr:`PreprocessCompose.config` records
+    them (the on-disk cache's key); the optional ones only when set."""
     config = {
         "keys": key_list,
         "roi_size": list(roi),
-        "hu_window": [low, high],
+        "hu_window": list(hu_window),
         "pixdim": None if pixdim is None else list(pixdim),
         "crop_foreground": bool(crop_foreground),
         "foreground_hu": float(foreground_hu),
@@ -235,7 +265,7 @@ def ct_preprocess(
         config["dicom_series"] = dicom_series
     if label_key is not None:
         config["label_key"] = label_key
-    return PreprocessCompose(transforms, config=config)
+    return config
 
 
 def view_transforms(
@@ -316,22 +346,44 @@ def view_transforms(
         transform differently and reproducibly.
     """
     roi = check_roi(roi_size)
-    dims = len(roi)
-    view_keys = [view_keys] if isinstance(view_keys, str) else list(view_keys)
-    if len(view_keys) != 2 or len(set(view_keys)) != 2 or source_key in view_keys:
-        raise ValueError(
-            f"view_keys must be two distinct keys other than source_key {source_key!r}, got {view_keys!r}"
-        )
+    view_keys = _check_view_keys(source_key, view_keys)
     scale, ratio = check_pair("scale", scale, 0.0, 1.0), check_pair("ratio", ratio)
-    gamma, blur_sigma = (
-        check_pair("gamma", gamma),
-        check_pair("blur_sigma", blur_sigma, strict=False),
-    )
+    gamma = check_pair("gamma", gamma)
+    blur_sigma = check_pair("blur_sigma", blur_sigma, strict=False)
     amounts = {
         "intensity_scale": non_negative("intensity_scale", intensity_scale),
         "intensity_shift": non_negative("intensity_shift", intensity_shift),
         "noise_std": non_negative("noise_std", noise_std),
     }
+    probs = _view_probabilities(
+        roi, flip_prob, rotate90_prob, intensity_prob, gamma_prob, noise_prob, blur_prob
+    )
+    return Compose(
+        [
+            ShareItemsd(source_key, names=view_keys),  # no copy: the crop never writes its input
+            _one_view(view_keys[0], 0, roi, scale, ratio, gamma, blur_sigma, amounts, probs),
+            _one_view(view_keys[1], 1, roi, scale, ratio, gamma, blur_sigma, amounts, probs),
+            DeleteItemsd(source_key),
+            EnsureTyped(view_keys, dtype=torch.float32, track_meta=False),
+        ]
+    )
+
+
+def _check_view_keys(source_key: str, view_keys: str | Sequence[str]) -> list[str]:
+    """:func:`view_transforms`' two view keys as a list, checked."""
+    view_keys = [view_keys] if isinstance(view_keys, str) else list(view_keys)
+    if len(view_keys) != 2 or len(set(view_keys)) != 2 or source_key in view_keys:
+        raise ValueError(
+            f"view_keys must be two distinct keys other than source_key {source_key!r}, got {view_keys!r}"
+        )
+    return view_keys
+
+
+def _view_probabilities(
+    roi, flip_prob, rotate90_prob, intensity_prob, gamma_prob, noise_prob, blur_prob
+) -> dict[str, tuple[float, float]]:
+    """:func:`view_transforms`' ``*_prob`` arguments as ``{name: (view1, view2)}``, checked
+    (rotations need equal first two ``roi`` sizes)."""
     probs = {
         name: per_view(name, value)
         for name, value in [
@@ -348,45 +400,40 @@ def view_transforms(
             f"roi_size {roi} must have equal first two sizes when rotate90_prob > 0 (rotating the "
             "axial plane swaps them), or set rotate90_prob=0"
         )
+    return probs
 
-    def one_view(key: str, i: int) -> Compose:
-        p = {name: pair[i] for name, pair in probs.items()}
-        jitter = Compose(
-            [
-                RandScaleIntensityd(key, factors=amounts["intensity_scale"], prob=1.0),
-                RandShiftIntensityd(key, offsets=amounts["intensity_shift"], prob=1.0),
-            ]
-        )
-        return Compose(
-            [
-                RandResizedCropd(key, roi_size=roi, scale=scale, ratio=ratio),
-                *(
-                    RecordedRandFlipd(key, prob=p["flip_prob"], spatial_axis=axis)
-                    for axis in range(dims)
-                ),
-                RecordedRandRotate90d(key, prob=p["rotate90_prob"], max_k=3, spatial_axes=(0, 1)),
-                RandAdjustContrastd(key, prob=p["gamma_prob"], gamma=gamma),
-                OneOf(
-                    [jitter, Identityd(key)],
-                    weights=[p["intensity_prob"], 1.0 - p["intensity_prob"]],
-                ),
-                RandGaussianSmoothd(
-                    key,
-                    sigma_x=blur_sigma,
-                    sigma_y=blur_sigma,
-                    sigma_z=blur_sigma,
-                    prob=p["blur_prob"],
-                ),
-                RandGaussianNoised(key, prob=p["noise_prob"], mean=0.0, std=amounts["noise_std"]),
-            ]
-        )
 
+def _one_view(key, i, roi, scale, ratio, gamma, blur_sigma, amounts, probs) -> Compose:
+    """The random transforms of view ``i`` under ``key`` (steps 1-7 of :func:`view_transforms`),
+    built afresh so that each view draws its own random state."""
+    dims = len(roi)
+    p = {name: pair[i] for name, pair in probs.items()}
+    jitter = Compose(
+        [
+            RandScaleIntensityd(key, factors=amounts["intensity_scale"], prob=1.0),
+            RandShiftIntensityd(key, offsets=amounts["intensity_shift"], prob=1.0),
+        ]
+    )
     return Compose(
         [
-            ShareItemsd(source_key, names=view_keys),  # no copy: the crop never writes its input
-            one_view(view_keys[0], 0),
-            one_view(view_keys[1], 1),
-            DeleteItemsd(source_key),
-            EnsureTyped(view_keys, dtype=torch.float32, track_meta=False),
+            RandResizedCropd(key, roi_size=roi, scale=scale, ratio=ratio),
+            *(
+                RecordedRandFlipd(key, prob=p["flip_prob"], spatial_axis=axis)
+                for axis in range(dims)
+            ),
+            RecordedRandRotate90d(key, prob=p["rotate90_prob"], max_k=3, spatial_axes=(0, 1)),
+            RandAdjustContrastd(key, prob=p["gamma_prob"], gamma=gamma),
+            OneOf(
+                [jitter, Identityd(key)],
+                weights=[p["intensity_prob"], 1.0 - p["intensity_prob"]],
+            ),
+            RandGaussianSmoothd(
+                key,
+                sigma_x=blur_sigma,
+                sigma_y=blur_sigma,
+                sigma_z=blur_sigma,
+                prob=p["blur_prob"],
+            ),
+            RandGaussianNoised(key, prob=p["noise_prob"], mean=0.0, std=amounts["noise_std"]),
         ]
     )
