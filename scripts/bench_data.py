@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from byol3d.data.datasets import build_dataset
 from byol3d.data.synthetic_ct import make_phantom
 from byol3d.training.distributed import make_loader
-from byol3d.transforms.ct import ct_preprocess, view_transforms
+from byol3d.transforms.ct import ct_preprocess
+from byol3d.transforms.volume_views import view_transforms
 
 
 def synth_ct(folder: Path, n: int, shape: tuple[int, int, int], spacing: tuple, seed: int = 0):

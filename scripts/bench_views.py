@@ -5,7 +5,7 @@ preprocessed volume (float32, as the RAM cache holds it), at each ``roi_size``, 
 thread only (``torch.set_num_threads(1)``, ``time.thread_time``: the CPU seconds of the
 work itself, whatever else runs on the machine):
 
-* ``monai_views``: today's per-sample pipeline, :func:`byol3d.transforms.ct.view_transforms`;
+* ``monai_views``: today's per-sample pipeline, :func:`byol3d.transforms.volume_views.view_transforms`;
 * ``batched_device_views``: the CPU part of ``transforms.views: batched`` on a GPU: drawing
   and slicing the boxes (:class:`~byol3d.transforms.batched.BoxViewsd`), collating, and on
   a CUDA machine pinning the patches; the views are made on the device;
@@ -37,8 +37,8 @@ import torch
 from byol3d.evaluation.stats import paired_difference
 from byol3d.transforms.batched import BoxViewsd, FrameBoxViewsd, collate_boxes
 from byol3d.transforms.batched_ops import MakeViewsCollate
-from byol3d.transforms.ct import view_transforms
 from byol3d.transforms.frames import frame_views
+from byol3d.transforms.volume_views import view_transforms
 
 
 def paired_ratio(numerators, denominators) -> dict:

@@ -2,7 +2,7 @@
 
 >>> from byol3d.data.datasets import build_dataset
 >>> from byol3d.data.discovery import find_images, split_train_val
->>> from byol3d.transforms.ct import ct_preprocess, view_transforms
+>>> from byol3d.transforms import ct_preprocess, view_transforms
 >>> files = find_images("/data/ct")                          # doctest: +SKIP
 >>> train, val = split_train_val(files, val_fraction=0.1, seed=0)  # doctest: +SKIP
 >>> ds = build_dataset(train, ct_preprocess(), view_transforms(), cache="cache")  # doctest: +SKIP

@@ -29,13 +29,14 @@ from byol3d.data.stats import compute_mean_std
 from byol3d.data.store_writer import StoreReport, write_store
 from byol3d.errors import ConfigError
 from byol3d.transforms.batched import BoxViewsd, FrameBoxViewsd
-from byol3d.transforms.ct import PreprocessCompose, ct_preprocess, view_transforms
+from byol3d.transforms.ct import PreprocessCompose, ct_preprocess
 from byol3d.transforms.frames import (
     FRAME_ONLY_KEYS,
     LoadFrameLabelMapd,
     build_frame_transforms,
     frame_network_input,
 )
+from byol3d.transforms.volume_views import view_transforms
 
 __all__ = [
     "PREPROCESS_KEYS",

@@ -7,7 +7,7 @@ of :class:`byol3d.transforms.crops.RandResizedCropd`, which it calls), the flips
 ``RecordedRandRotate90d`` draw them), the gamma, the intensity scale and shift, the blur
 sigmas and the noise std (as MONAI's ``RandAdjustContrastd``, ``RandScaleIntensityd`` +
 ``RandShiftIntensityd``, ``RandGaussianSmoothd`` and ``RandGaussianNoised`` in
-:func:`byol3d.transforms.ct.view_transforms` draw them, with the same config keys), and
+:func:`byol3d.transforms.volume_views.view_transforms` draw them, with the same config keys), and
 copies the box's region out of the preprocessed volume: a plain ``np.ndarray``, an ``np.memmap`` (only the box's pages are
 read) or a torch tensor. No resampling, no filtering, no noise on the CPU.
 
@@ -143,7 +143,7 @@ class ViewDraws(Randomizable, Transform):
 class BoxViewsd(ViewDraws):
     """Draw two views' boxes and augmentation parameters; slice the boxes out of the image.
 
-    The arguments are those of :func:`byol3d.transforms.ct.view_transforms` (same names,
+    The arguments are those of :func:`byol3d.transforms.volume_views.view_transforms` (same names,
     defaults, checks and distributions). Per view: the box of
     :class:`RandResizedCropd` (``scale``, ``ratio``); a flip on each axis with
     ``flip_prob``; with ``rotate90_prob`` a turn by k in {1, 2, 3} quarter turns in the axial

@@ -3,7 +3,7 @@
 :func:`make_views` takes a batch collated by :func:`byol3d.transforms.batched.collate_boxes`
 and, for the whole batch at once, on any device (the GPU, or the CPU in the DataLoader
 workers through :class:`MakeViewsCollate`), makes what
-:func:`byol3d.transforms.ct.view_transforms` makes one sample at a time, in its order:
+:func:`byol3d.transforms.volume_views.view_transforms` makes one sample at a time, in its order:
 
 1. on a GPU, crop-resize-flip-rot90 in one ``affine_grid`` + ``grid_sample`` (trilinear,
    ``align_corners=False``, border clamping) per patch: :func:`view_affine` composes the

@@ -14,7 +14,8 @@ from monai.data.utils import set_rnd
 from byol3d.data.datasets import build_dataset, estimate_cache_bytes
 from byol3d.data.discovery import find_images, split_train_val
 from byol3d.errors import DataError
-from byol3d.transforms.ct import ct_preprocess, view_transforms
+from byol3d.transforms.ct import ct_preprocess
+from byol3d.transforms.volume_views import view_transforms
 
 ROI = (8, 8, 8)
 

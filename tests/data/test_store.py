@@ -225,7 +225,7 @@ class Recording(np.ndarray):
 def test_store_views_read_only_their_boxes_and_match_the_uncached_views(volumes, tmp_path, monkeypatch):  # fmt: skip
     from byol3d.data.datasets import build_dataset
     from byol3d.data.store import Store
-    from byol3d.transforms.ct import view_transforms
+    from byol3d.transforms.volume_views import view_transforms
 
     pre = _pre()
     write_store(volumes, pre, tmp_path / "store", progress=False)
@@ -250,7 +250,7 @@ def test_store_views_read_only_their_boxes_and_match_the_uncached_views(volumes,
 
 def test_a_store_of_other_preprocessing_or_other_files_is_refused(volumes, tmp_path):
     from byol3d.data.datasets import build_dataset
-    from byol3d.transforms.ct import view_transforms
+    from byol3d.transforms.volume_views import view_transforms
 
     write_store(volumes[:2], _pre(), tmp_path / "store", progress=False)
     views = view_transforms(roi_size=(4, 4, 4))

@@ -21,8 +21,8 @@ from byol3d.models.heads import DenseHead
 from byol3d.training.checkpoint import config_changes
 from byol3d.training.engine import create_evaluator, create_trainer, view_geometry
 from byol3d.training.handlers import MetricsLogger, TargetUpdate
-from byol3d.transforms.ct import view_transforms
 from byol3d.transforms.geometry import RecordedRandFlipd, RecordedRandRotate90d
+from byol3d.transforms.volume_views import view_transforms
 
 NO_INTENSITY = {"intensity_prob": 0.0, "gamma_prob": 0.0, "noise_prob": 0.0, "blur_prob": 0.0}
 

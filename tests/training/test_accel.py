@@ -17,7 +17,7 @@ from byol3d.training.accel import (
 )
 from byol3d.training.engine import create_trainer
 from byol3d.transforms.crops import ShareItemsd
-from byol3d.transforms.ct import view_transforms
+from byol3d.transforms.volume_views import view_transforms
 
 
 def tiny_byol(spatial_dims=3):

@@ -26,7 +26,7 @@ from byol3d.transforms.batched_ops import (
     make_views,
 )
 from byol3d.transforms.crops import RandResizedCropd
-from byol3d.transforms.ct import view_transforms
+from byol3d.transforms.volume_views import view_transforms
 
 ROI = (16, 16, 12)
 PLAIN = dict(gamma_prob=0.0, intensity_prob=0.0, blur_prob=0.0, noise_prob=0.0)
@@ -238,7 +238,7 @@ def test_config_switch_builds_the_batched_views_and_rejects_bad_values():
 
 @pytest.mark.parametrize(
     "per_sample, drawer",
-    [("byol3d.transforms.ct.view_transforms", "byol3d.transforms.batched.BoxViewsd"),
+    [("byol3d.transforms.volume_views.view_transforms", "byol3d.transforms.batched.BoxViewsd"),
      ("byol3d.transforms.frames.frame_views", "byol3d.transforms.batched.FrameBoxViewsd")],
 )  # fmt: skip
 def test_batched_drawers_take_the_per_sample_paths_arguments_and_defaults(per_sample, drawer):

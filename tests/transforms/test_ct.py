@@ -12,7 +12,8 @@ from monai.transforms import Compose, RandFlipd, RandGaussianSmoothd
 
 from byol3d.errors import DataError
 from byol3d.transforms.crops import RandResizedCropd
-from byol3d.transforms.ct import ct_preprocess, view_transforms
+from byol3d.transforms.ct import ct_preprocess
+from byol3d.transforms.volume_views import view_transforms
 
 
 def _save(path, array, affine=None):
