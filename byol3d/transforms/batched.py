@@ -58,6 +58,7 @@ from byol3d.transforms.photometric import (
     RandGrayscaled,
     RandSolarized,
 )
+from byol3d.transforms.volume_views import view_probabilities
 
 __all__ = ["BoxViewsd", "FrameBoxViewsd", "ViewDraws", "collate_boxes", "slice_box", "PATCH_SUFFIX"]
 
@@ -186,14 +187,9 @@ class BoxViewsd(ViewDraws):
         self.intensity_scale = non_negative("intensity_scale", intensity_scale)
         self.intensity_shift = non_negative("intensity_shift", intensity_shift)
         self.noise_std = non_negative("noise_std", noise_std)
-        names = ("flip_prob", "rotate90_prob", "intensity_prob", "gamma_prob", "noise_prob", "blur_prob")  # fmt: skip
-        values = (flip_prob, rotate90_prob, intensity_prob, gamma_prob, noise_prob, blur_prob)
-        self.probs = {n: per_view(n, v) for n, v in zip(names, values, strict=True)}
-        if max(self.probs["rotate90_prob"]) > 0 and self.roi_size[0] != self.roi_size[1]:
-            raise ValueError(
-                f"roi_size {self.roi_size} must have equal first two sizes when rotate90_prob > 0 "
-                "(rotating the axial plane swaps them), or set rotate90_prob=0"
-            )
+        self.probs = view_probabilities(
+            self.roi_size, flip_prob, rotate90_prob, intensity_prob, gamma_prob, noise_prob, blur_prob
+        )  # fmt: skip
         self.set_random_state(seed=0)
 
     def randomize(self, spatial_shape: Sequence[int], view: int) -> dict[str, Any]:

@@ -94,7 +94,8 @@ def view_transforms(
     with the default window).
 
     Args:
-        source_key: key of the preprocessed image (output of :func:`ct_preprocess`).
+        source_key: key of the preprocessed image (output of
+            :func:`byol3d.transforms.ct.ct_preprocess`).
         view_keys: the two output keys.
         roi_size: spatial size of each view (2 or 3 ints); with rotations on, its first
             two sizes must match so rotated views keep the same shape.
@@ -123,7 +124,7 @@ def view_transforms(
         "intensity_shift": non_negative("intensity_shift", intensity_shift),
         "noise_std": non_negative("noise_std", noise_std),
     }
-    probs = _view_probabilities(
+    probs = view_probabilities(
         roi, flip_prob, rotate90_prob, intensity_prob, gamma_prob, noise_prob, blur_prob
     )
     return Compose(
@@ -147,11 +148,12 @@ def _check_view_keys(source_key: str, view_keys: str | Sequence[str]) -> list[st
     return view_keys
 
 
-def _view_probabilities(
+def view_probabilities(
     roi, flip_prob, rotate90_prob, intensity_prob, gamma_prob, noise_prob, blur_prob
 ) -> dict[str, tuple[float, float]]:
-    """:func:`view_transforms`' ``*_prob`` arguments as ``{name: (view1, view2)}``, checked
-    (rotations need equal first two ``roi`` sizes)."""
+    """The views' ``*_prob`` arguments as ``{name: (view1, view2)}``, checked (rotations need
+    equal first two ``roi`` sizes): for :func:`view_transforms` and
+    :class:`byol3d.transforms.batched.BoxViewsd` alike."""
     probs = {
         name: per_view(name, value)
         for name, value in [
