@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from bench_data import synth_ct
 from bench_steps import byol3d_bare, byol3d_engine, lightly_loop, make_batches
-from bench_views import paired_ratio
+from bench_views import paired_ratio, time_alternating
 from monai.data import CacheDataset, DataLoader, Dataset
 from monai.transforms import Compose
 
@@ -108,7 +108,12 @@ def run_end_to_end(setup, shape, spacing, pixdim, n_volumes, batch, workers, rep
             "monai_cached_end_to_end": lambda: peer(loaders["monai_cached_end_to_end"]),
             "byol3d_step_only": lambda: engine(in_memory),
         }
-        times = _time_runs(runs, (n_volumes // batch) * batch, repeats, log)
+        samples = (n_volumes // batch) * batch
+
+        def report(r, order, times):
+            log(f"end to end repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {samples / times[n][-1]:.2f}/s" for n in order))  # fmt: skip
+
+        times = time_alternating(runs, repeats, report=report)
     peer_name = "lightly's loop" if has_lightly else "byol3d's bare loop (lightly not installed)"
     rows = []
     for name, secs in times.items():
@@ -126,18 +131,3 @@ def run_end_to_end(setup, shape, spacing, pixdim, n_volumes, batch, workers, rep
         "end_to_end_vs_step_only": paired_ratio(times["byol3d_step_only"], ours),
     }
     return rows, ratios
-
-
-def _time_runs(runs: dict, samples: int, repeats: int, log) -> dict[str, list[float]]:
-    """Seconds per pass of each run, per repeat (after one warm-up pass), sides alternating."""
-    for run in runs.values():
-        run()  # warm-up: worker start, allocator, kernels
-    times = {name: [] for name in runs}
-    for r in range(repeats):
-        order = list(runs) if r % 2 == 0 else list(reversed(runs))
-        for name in order:
-            t = time.perf_counter()
-            runs[name]()
-            times[name].append(time.perf_counter() - t)
-        log(f"end to end repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {samples / times[n][-1]:.2f}/s" for n in order))  # fmt: skip
-    return times

@@ -63,12 +63,6 @@ def _volume(shape, seed=0) -> torch.Tensor:
     return torch.nn.functional.interpolate(coarse, size=shape, mode="trilinear")[0]
 
 
-def _cpu_seconds(fn) -> float:
-    start = time.thread_time()
-    fn()
-    return time.thread_time() - start
-
-
 def _frame(shape, seed=0) -> torch.Tensor:
     """A smooth uint8 RGB frame ``(3, *shape)``, as the frame cache holds it."""
     g = torch.Generator().manual_seed(seed)
@@ -99,17 +93,34 @@ def _sides(per_sample, draw, roi, image, batch, names):
     return dict(zip(names, (per_sample_views, device_views, cpu_views), strict=True))
 
 
-def _time_sides(sides, batch: int, repeats: int, label: str, log) -> dict[str, list[float]]:
-    """CPU seconds per sample of each side, per repeat (after one warm-up), sides alternating."""
-    for fn in sides.values():
-        fn()  # warm-up
-    times = {name: [] for name in sides}
+def time_alternating(runs: dict, repeats: int, clock=time.perf_counter, report=None) -> dict[str, list[float]]:  # fmt: skip
+    """Seconds of ``clock`` per call of each run, per repeat, after one warm-up call of each.
+
+    The runs alternate (A B C, then C B A, ...) so drift on the machine hits all alike;
+    ``report(repeat, order, times)`` is called after each repeat (for a log line).
+    """
+    for fn in runs.values():
+        fn()  # warm-up: workers, allocator, kernels
+    times = {name: [] for name in runs}
     for r in range(repeats):
-        order = list(sides) if r % 2 == 0 else list(reversed(sides))
+        order = list(runs) if r % 2 == 0 else list(reversed(runs))
         for name in order:
-            times[name].append(_cpu_seconds(sides[name]) / batch)
-        log(f"{label} repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {times[n][-1] * 1e3:.1f} ms" for n in order))  # fmt: skip
+            start = clock()
+            runs[name]()
+            times[name].append(clock() - start)
+        if report is not None:
+            report(r, order, times)
     return times
+
+
+def _time_sides(sides, batch: int, repeats: int, label: str, log) -> dict[str, list[float]]:
+    """CPU seconds per sample of each side (this thread's), per repeat, sides alternating."""
+
+    def report(r, order, times):
+        log(f"{label} repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {times[n][-1] / batch * 1e3:.1f} ms" for n in order))  # fmt: skip
+
+    times = time_alternating(sides, repeats, clock=time.thread_time, report=report)
+    return {name: [t / batch for t in secs] for name, secs in times.items()}
 
 
 def _view_cost_rows(section, shape, rois, batch, repeats, log, image, sides_at) -> list[dict]:
